@@ -1,0 +1,26 @@
+"""`swarmnet` command line: thin parsers that build configs and call the roles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from swarmnet.cli import coordinator, demo, join, status, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarmnet", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in (coordinator, join, train, status, demo):
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from swarmnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""`swarmnet coordinator`: bootstrap node and manifest publisher of one run."""
+
+from __future__ import annotations
+
+import argparse
+
+from swarmnet.cli.runtime import run_role
+from swarmnet.config import RunManifest, load_manifest
+
+DEFAULT_IDENTITY = ".swarmnet/coordinator.key"
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("coordinator", help="run the bootstrap DHT node and publish a run manifest")
+    p.add_argument("--run", help="run manifest TOML (default: the embedded demo run)")
+    p.add_argument("--identity", default=DEFAULT_IDENTITY, help="key file, generated on first run")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    p.add_argument("--initial-peers", nargs="*", default=[], help="join an existing DHT instead of starting one")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    async def role(stop):
+        from swarmnet.coordinator.coordinator import run_coordinator
+        from swarmnet.dht.identity import Identity
+
+        manifest = load_manifest(args.run) if args.run else RunManifest(name="demo")
+        await run_coordinator(
+            manifest=manifest,
+            identity=Identity.load_or_create(args.identity),
+            host=args.host,
+            port=args.port,
+            initial_peers=args.initial_peers,
+            stop=stop,
+        )
+
+    return run_role("coordinator", args.log_level, role)

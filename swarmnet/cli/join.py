@@ -1,0 +1,55 @@
+"""`swarmnet join`: serve a pipeline stage of the run found through the DHT."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from swarmnet.cli.runtime import run_role
+from swarmnet.config import PeerConfig, load_profile
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("join", help="join a run as a stage server")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any live peer")
+    p.add_argument("--stage", type=_stage, default=None, help="stage index, or 'auto' (default) for the bottleneck")
+    p.add_argument("--run-id", default=None, help="follow this run (default: the coordinator's)")
+    p.add_argument("--profile", default=None, help="peer profile TOML (see peers/)")
+    p.add_argument("--identity", default=None, help="persistent key file (default: a fresh identity)")
+    p.add_argument("--device", default=None, help="torch device, overrides the profile")
+    p.add_argument("--host", default=None, help="interface to listen on, overrides the profile")
+    p.add_argument("--port", type=int, default=None, help="TCP port, overrides the profile")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    async def role(stop):
+        from swarmnet.dht.identity import Identity
+        from swarmnet.peer.peer import run_peer
+
+        config = load_profile(PeerConfig, args.profile, device=args.device, host=args.host, port=args.port)
+        identity = Identity.load_or_create(args.identity) if args.identity else Identity.ephemeral()
+        try:
+            await run_peer(
+                config=config,
+                initial_peers=args.initial_peers,
+                stage=args.stage,
+                run_id=args.run_id,
+                identity=identity,
+                stop=stop,
+            )
+        finally:
+            if not args.identity:
+                with contextlib.suppress(FileNotFoundError):
+                    identity.path.unlink()
+
+    return run_role("peer", args.log_level, role)
+
+
+def _stage(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a stage index or 'auto'") from None

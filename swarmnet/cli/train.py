@@ -1,0 +1,86 @@
+"""`swarmnet train`: drive training through the swarm, or `--local` as the single-process reference."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+from swarmnet.cli.runtime import run_role
+from swarmnet.config import RunManifest, TrainerConfig, load_manifest, load_profile
+from swarmnet.errors import ConfigError
+from swarmnet.telemetry import events
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("train", help="train a run through the swarm (or --local)")
+    p.add_argument("--initial-peers", nargs="+", default=[], help="multiaddrs of any live peer")
+    p.add_argument("--run-id", default=None, help="follow this run (default: the coordinator's)")
+    p.add_argument("--local", action="store_true", help="train the manifest in this process, no network")
+    p.add_argument("--run", default=None, help="run manifest TOML (with --local; default: embedded demo run)")
+    p.add_argument("--profile", default=None, help="trainer profile TOML (see peers/trainer.toml)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this much wall time")
+    p.add_argument("--summary-json", default=None, help="write the final summary here as JSON")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    async def role(stop):
+        config = load_profile(TrainerConfig, args.profile, max_steps=args.max_steps, max_seconds=args.max_seconds)
+        if args.local:
+            from swarmnet.trainer.role import run_local_training
+
+            manifest = load_manifest(args.run) if args.run else RunManifest(name="demo")
+            _announce(manifest, "local")
+            summary = await run_local_training(manifest=manifest, config=config, stop=stop, on_step=_print_step)
+        else:
+            if not args.initial_peers:
+                raise ConfigError("--initial-peers is required (or use --local)")
+            from swarmnet.dht.identity import Identity
+            from swarmnet.trainer.role import run_swarm_training
+
+            identity = Identity.ephemeral()
+            try:
+                summary = await run_swarm_training(
+                    config=config,
+                    initial_peers=args.initial_peers,
+                    run_id=args.run_id,
+                    identity=identity,
+                    stop=stop,
+                    on_start=_announce,
+                    on_step=_print_step,
+                )
+            finally:
+                identity.path.unlink(missing_ok=True)
+        fields = {k: _finite(v) for k, v in dataclasses.asdict(summary).items()}
+        events.emit("summary", **fields)
+        print(
+            f"trained {summary.steps} steps: loss {summary.initial_loss:.4f} -> {summary.final_loss:.4f}, "
+            f"{summary.samples_per_s:.1f} samples/s, {summary.dropped} microbatches dropped",
+            flush=True,
+        )
+        if args.summary_json:
+            with open(args.summary_json, "w") as f:
+                json.dump(fields, f, indent=2)
+
+    return run_role("trainer", args.log_level, role)
+
+
+def _announce(manifest: RunManifest, trainer_id: str) -> None:
+    events.emit("ready", role="trainer", run_id=manifest.run_id, peer_id=trainer_id)
+    print(f"training run {manifest.run_id} ({manifest.name}), {manifest.training.num_stages} stages", flush=True)
+
+
+def _print_step(report) -> None:
+    events.emit("step", **{k: _finite(v) for k, v in dataclasses.asdict(report).items()})
+    print(
+        f"step {report.step:5d}  loss {report.loss:.4f}  {report.samples_per_s:7.1f} samples/s"
+        + (f"  dropped {report.dropped}" if report.dropped else ""),
+        flush=True,
+    )
+
+
+def _finite(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value

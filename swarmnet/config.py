@@ -1,0 +1,268 @@
+"""Frozen, keyword-only configuration dataclasses, loaded from TOML.
+
+Each component receives only its own config. The run manifest (`RunManifest`) is the part that
+every process of a run must agree on: it is published by the coordinator as a signed DHT record and
+its hash is the run id. Peer and trainer profiles are local choices of one volunteer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import msgpack
+
+from swarmnet.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A small decoder-only transformer (see `swarmnet.models.gpt`)."""
+
+    vocab_size: int = 256
+    """Byte-level tokens: 256 symbols."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks, split across the pipeline stages."""
+    n_heads: int = 4
+    """Attention heads per block; must divide `d_model`."""
+    d_ff: int = 512
+    """Hidden width of each block's MLP."""
+    max_seq_len: int = 256
+    """Longest sequence the position embedding covers."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """The optimizer every stage applies after each collaborative step."""
+
+    name: str = "adamw"
+    """`adamw` or `sgd`."""
+    lr: float = 3e-3
+    """Learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam moment decay rates (ignored by sgd)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    momentum: float = 0.0
+    """SGD momentum (ignored by adamw)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer.name must be 'adamw' or 'sgd', not {self.name!r}")
+        if not self.lr > 0:
+            raise ConfigError("optimizer.lr must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the trainer's text comes from; tokens are bytes."""
+
+    source: str = "stdlib"
+    """`stdlib` (the Python standard library's own sources, always present offline) or a path to a
+    folder of text files."""
+    max_bytes: int = 4_000_000
+    """Read at most this many bytes of corpus (keeps start-up fast)."""
+    holdout_fraction: float = 0.02
+    """Tail of the corpus kept out of training for evaluation."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """How the run is cut and batched."""
+
+    num_stages: int = 2
+    """Number of pipeline stages the model is cut into."""
+    microbatch_size: int = 8
+    """Sequences per microbatch (one trip through the pipeline)."""
+    seq_len: int = 64
+    """Tokens per sequence."""
+    target_batch_size: int = 32
+    """Samples accumulated by a stage before it takes an optimizer step."""
+    seed: int = 0
+    """Seeds the model initialization and the data order."""
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1:
+            raise ConfigError("training.num_stages must be >= 1")
+        if self.microbatch_size < 1 or self.seq_len < 1:
+            raise ConfigError("training.microbatch_size and training.seq_len must be positive")
+        if self.target_batch_size % self.microbatch_size:
+            raise ConfigError("training.target_batch_size must be a multiple of microbatch_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunManifest:
+    """Everything the processes of one run agree on. Its content hash is the run id."""
+
+    name: str
+    """Human-readable run name."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.training.seq_len > self.model.max_seq_len:
+            raise ConfigError("training.seq_len exceeds model.max_seq_len")
+        if self.training.num_stages > self.model.n_layers + 1:
+            raise ConfigError("more stages than the model can be cut into")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunManifest":
+        return _from_plain(cls, data, "manifest")
+
+    @property
+    def microbatches_per_step(self) -> int:
+        return self.training.target_batch_size // self.training.microbatch_size
+
+    @property
+    def run_id(self) -> str:
+        """Content hash of the manifest: any change to it is a different run."""
+        canonical = msgpack.packb(self.to_dict(), use_bin_type=True)
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    """A volunteer peer's local choices (`peers/*.toml`)."""
+
+    device: str = "cpu"
+    """torch device to compute on (`cpu`, `cuda`, `cuda:1`)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on; listening on every interface is an explicit choice."""
+    port: int = 0
+    """TCP port for libp2p; 0 picks a free one."""
+    announce_period: float = 5.0
+    """Seconds between refreshes of the peer's DHT record."""
+    record_ttl: float = 15.0
+    """Seconds a DHT record lives unless refreshed."""
+    input_cache_size: int = 256
+    """Most microbatch inputs kept for backward."""
+    input_cache_ttl: float = 120.0
+    """Seconds a cached microbatch input lives before it is dropped."""
+    max_queue: int = 64
+    """Most requests queued for compute before new ones are refused as overloaded."""
+    metrics_port: int | None = 0
+    """Port of the Prometheus `/metrics` endpoint; 0 picks a free one, none disables it."""
+    compute_threads: int = 1
+    """torch intra-op threads used by the compute executor."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    """The single finite retry/backoff/ban policy of every client."""
+
+    max_attempts: int = 5
+    """Tries per call before giving up (finite by design)."""
+    base_delay: float = 0.1
+    """Backoff before the second try; doubles each time."""
+    max_delay: float = 2.0
+    """Ceiling of the backoff."""
+    ban_seconds: float = 10.0
+    """How long a peer that failed is avoided."""
+    call_timeout: float = 30.0
+    """Deadline of one forward or backward call."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """A trainer's local choices (`peers/trainer.toml`)."""
+
+    max_in_flight: int = 4
+    """Microbatches in the pipeline at once."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (none: run until max_seconds or interrupted)."""
+    max_seconds: float | None = None
+    """Stop after this much wall time."""
+    log_every: int = 1
+    """Report loss every this many steps."""
+    host: str = "127.0.0.1"
+    """Interface for the trainer's own libp2p host."""
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+
+
+def load_manifest(path: str | Path) -> RunManifest:
+    return RunManifest.from_dict(load_toml(path))
+
+
+def load_profile(cls: type, path: str | Path | None, **overrides: Any):
+    """Loads a profile TOML (or defaults) into `cls`, then applies non-None overrides."""
+    data = load_toml(path) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _from_plain(cls, data, str(path or cls.__name__))
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _from_plain(cls: type, data: Mapping[str, Any], where: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_plain(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(hint), value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got bool")
+    return value

@@ -1,0 +1,122 @@
+"""Async facade over hivemind's in-process `DHTNode` and `P2P`, on the caller's own event loop.
+
+One `SwarmDHT` per process: it owns the process's p2pd (libp2p host), the DHT node running
+swarmnet's record validator, and the identity that signs every record it stores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from swarmnet.dht.identity import Identity
+from swarmnet.dht.records import RecordError, SignedRecord, decode_record, encode_record
+from swarmnet.dht.validator import SwarmnetRecordValidator
+from swarmnet.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmDHT:
+    """A libp2p host plus a DHT node that stores and reads swarmnet's signed records."""
+
+    def __init__(self, identity: Identity, p2p: P2P, node: DHTNode):
+        self.identity = identity
+        self.p2p = p2p
+        self.node = node
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        identity: Identity,
+        initial_peers: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        client_mode: bool = False,
+        check_identity: bool = False,
+    ) -> "SwarmDHT":
+        """Starts p2pd and the DHT node; `initial_peers` empty starts a new swarm."""
+        initial_peers = list(initial_peers)
+        try:
+            p2p = await P2P.create(
+                initial_peers=initial_peers,
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                identity_path=str(identity.path),
+                check_if_identity_free=check_identity,
+                # Local swarms and LANs: no UPnP probing or relays unless asked for.
+                nat_port_map=False,
+                use_relay=False,
+                auto_nat=False,
+            )
+        except Exception as e:  # hivemind raises P2PDaemonError, ValueError, OSError...
+            raise ConfigError(f"could not start the libp2p host: {e}") from e
+        try:
+            node = await DHTNode.create(
+                p2p=p2p,
+                initial_peers=initial_peers,
+                record_validator=SwarmnetRecordValidator(),
+                client_mode=client_mode,
+                num_workers=4,
+            )
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        return cls(identity, p2p, node)
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    async def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in await self.p2p.get_visible_maddrs()]
+
+    def p2pd_sockets(self) -> list[str]:
+        """Unix sockets of our p2pd, so a supervisor can remove them if this process is killed."""
+        paths = []
+        for maddr in (self.p2p._daemon_listen_maddr, self.p2p._client_listen_maddr):
+            try:
+                paths.append(maddr["unix"])
+            except Exception:  # not a unix multiaddr
+                continue
+        return paths
+
+    async def put(self, key: str, record: Any, ttl: float) -> bool:
+        """Signs `record` and stores it under `key`, subkey = our peer id, for `ttl` seconds."""
+        expiration = get_dht_time() + ttl
+        blob = encode_record(self.identity, key, record, expiration)
+        return bool(await self.node.store(key, blob, expiration, subkey=self.peer_id))
+
+    async def get(self, key: str) -> list[SignedRecord]:
+        """Every live, verified record under `key` (invalid ones are already dropped by the DHT)."""
+        found = await self.node.get(key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        records = []
+        for subkey, item in found.value.items():
+            try:
+                signed = decode_record(item.value)
+            except RecordError as e:  # our own cache may hold what a validator never saw
+                logger.debug("skipping record %s/%s: %s", key, subkey, e)
+                continue
+            if signed.key == key and signed.peer_id == subkey:
+                records.append(signed)
+        return records
+
+    async def shutdown(self) -> None:
+        """Stops the DHT node, then p2pd; safe to call twice."""
+        try:
+            await self.node.shutdown()
+        finally:
+            await self.p2p.shutdown()
+
+    async def __aenter__(self) -> "SwarmDHT":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()

@@ -1,0 +1,128 @@
+"""Typed, versioned, signed DHT records.
+
+Wire form (msgpack): `[kind, version, key, peer_id, expiration, body, signature]`. The signature is
+the Ed25519 signature, by `peer_id`'s key, over msgpack of the first six fields, so a record cannot be
+moved to another key, another owner or another expiration without breaking it. Every record is
+stored under a subkey equal to its signer's peer id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from swarmnet.config import RunManifest
+from swarmnet.dht.identity import Identity, verify_signature
+from swarmnet.errors import ConfigError, SwarmnetError
+from swarmnet.protocols.codec import from_body, to_body
+
+MAX_RECORD_BYTES = 64 * 1024
+
+
+class RecordError(SwarmnetError):
+    """A DHT record is malformed, of the wrong type or version, or its signature is invalid."""
+
+    code = "bad_record"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageServerRecord:
+    """A peer serving one pipeline stage, refreshed by its heartbeat."""
+
+    KIND: ClassVar[str] = "stage_server"
+    VERSION: ClassVar[int] = 1
+
+    stage: int
+    throughput: float
+    """Measured samples/s (a moving average of real serving after start-up)."""
+    queue_depth: int
+    """Requests waiting for compute right now."""
+    device: str
+    memory_bytes: int
+    """Memory the stage occupies (parameters, gradients, optimizer state)."""
+    step: int
+    """Optimizer steps the peer has taken."""
+    metrics_addr: str | None
+    """host:port of the peer's Prometheus endpoint, if it runs one."""
+    maddrs: list[str]
+    """Multiaddrs where the peer can be reached."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerRecord:
+    """A trainer driving microbatches through the run."""
+
+    KIND: ClassVar[str] = "trainer"
+    VERSION: ClassVar[int] = 1
+
+    step: int
+    loss: float
+    samples_per_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestRecord:
+    """The run manifest, published by the coordinator; `run_id` must equal the content hash."""
+
+    KIND: ClassVar[str] = "manifest"
+    VERSION: ClassVar[int] = 1
+
+    run_id: str
+    manifest: dict
+
+    def verified_manifest(self) -> RunManifest:
+        try:
+            manifest = RunManifest.from_dict(self.manifest)
+        except ConfigError as e:
+            raise RecordError(f"manifest record does not parse: {e}") from e
+        if manifest.run_id != self.run_id:
+            raise RecordError(f"manifest content hashes to {manifest.run_id}, record claims {self.run_id}")
+        return manifest
+
+
+RECORD_TYPES: dict[str, type] = {cls.KIND: cls for cls in (StageServerRecord, TrainerRecord, ManifestRecord)}
+
+
+@dataclass(frozen=True)
+class SignedRecord:
+    """A verified record together with where it lives and who signed it."""
+
+    key: str
+    peer_id: str
+    expiration: float
+    record: Any
+
+
+def encode_record(identity: Identity, key: str, record: Any, expiration: float) -> bytes:
+    head = [record.KIND, record.VERSION, key, identity.peer_id, float(expiration), to_body(record)]
+    signed = msgpack.packb(head, use_bin_type=True)
+    return msgpack.packb(head + [identity.sign(signed)], use_bin_type=True)
+
+
+def decode_record(blob: bytes) -> SignedRecord:
+    """Parses and verifies a record. Raises `RecordError` on any defect."""
+    if not isinstance(blob, (bytes, bytearray)) or len(blob) > MAX_RECORD_BYTES:
+        raise RecordError("record is not bytes or too large")
+    try:
+        fields = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated exception types
+        raise RecordError(f"record is not valid msgpack: {e}") from e
+    if not isinstance(fields, list) or len(fields) != 7:
+        raise RecordError("record must be a 7-element list")
+    kind, version, key, peer_id, expiration, body, signature = fields
+    cls = RECORD_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise RecordError(f"unknown record kind {kind!r}")
+    if version != cls.VERSION:
+        raise RecordError(f"unsupported {kind} record version {version!r} (expected {cls.VERSION})")
+    if not (isinstance(key, str) and isinstance(peer_id, str) and isinstance(signature, bytes)):
+        raise RecordError("record key, peer id and signature have wrong types")
+    if not isinstance(expiration, float) or not math.isfinite(expiration):
+        raise RecordError("record expiration must be a finite float")
+    signed = msgpack.packb(fields[:6], use_bin_type=True)
+    if not verify_signature(peer_id, signed, signature):
+        raise RecordError(f"invalid signature on {kind} record claimed by {peer_id}")
+    return SignedRecord(key=key, peer_id=peer_id, expiration=expiration, record=from_body(cls, body, RecordError))

@@ -1,0 +1,45 @@
+"""Reading stage servers from the DHT into the pure snapshot types of `swarmnet.pipeline`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from swarmnet.config import RunManifest
+from swarmnet.dht import keys
+from swarmnet.dht.node import SwarmDHT
+from swarmnet.dht.records import StageServerRecord
+from swarmnet.pipeline.snapshot import PeerInfo, SwarmSnapshot
+
+logger = logging.getLogger(__name__)
+
+
+async def read_stage(dht: SwarmDHT, run_id: str, stage: int) -> list[tuple[PeerInfo, StageServerRecord]]:
+    """Live servers of one stage, each as a routing snapshot and its full record."""
+    found = []
+    for signed in await dht.get(keys.stage_key(run_id, stage)):
+        record = signed.record
+        if record.stage != stage:
+            continue
+        try:
+            info = PeerInfo(
+                peer_id=signed.peer_id,
+                stage=stage,
+                throughput=record.throughput,
+                queue_depth=record.queue_depth,
+                step=record.step,
+                expires_at=signed.expiration,
+            )
+        except ValueError as e:
+            logger.debug("ignoring record of %s: %s", signed.peer_id, e)
+            continue
+        found.append((info, record))
+    return found
+
+
+async def read_swarm(dht: SwarmDHT, manifest: RunManifest) -> SwarmSnapshot:
+    """A snapshot of every stage's announced servers."""
+    stages = range(manifest.training.num_stages)
+    per_stage = await asyncio.gather(*(read_stage(dht, manifest.run_id, s) for s in stages))
+    peers = tuple(info for found in per_stage for info, _ in found)
+    return SwarmSnapshot(num_stages=manifest.training.num_stages, peers=peers)

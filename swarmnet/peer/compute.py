@@ -1,0 +1,116 @@
+"""The math of one stage: forward, recomputing backward, gradient accumulation and stepping.
+
+`StageComputer` is synchronous and knows nothing about the network; the peer runs it on its compute
+thread and the local reference trainer calls it directly, so a swarm and `swarmnet train --local`
+execute exactly the same operations.
+
+Gradients accumulate as *sums* over samples (each microbatch's mean loss is scaled by its sample
+count); at a step they are divided by the number of samples accumulated, so a step's gradient is the
+mean over its `target_batch_size` samples wherever the microbatches were computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from swarmnet.config import OptimizerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    grad_input: torch.Tensor | None
+    """Gradient of the stage input (None for integer token inputs)."""
+    stepped: bool
+    """Whether this call completed a batch and took an optimizer step."""
+    loss: float | None = None
+    """Mean loss of the microbatch (last stage only)."""
+
+
+class StageComputer:
+    """One stage's module, optimizer and gradient accumulator."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: OptimizerConfig,
+        *,
+        target_batch_size: int,
+        device: str = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
+        self.target_batch_size = target_batch_size
+        self.optimizer = make_optimizer(self.module.parameters(), optimizer)
+        self.accumulated_samples = 0
+        self.step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage output for `x`, without keeping any autograd state."""
+        with torch.no_grad():
+            return self.module(x.to(self.device)).cpu()
+
+    def backward(self, x: torch.Tensor, grad_output: torch.Tensor) -> BackwardResult:
+        """Recomputes the forward of `x` with grad, back-propagates `grad_output`, accumulates."""
+        x = self._input_with_grad(x)
+        output = self.module(x)
+        output.backward(grad_output.to(self.device, output.dtype))
+        return self._finish(x, len(x), loss=None)
+
+    def loss_backward(self, x: torch.Tensor, targets: torch.Tensor) -> BackwardResult:
+        """Last stage: computes the loss against `targets` and back-propagates it, in one pass."""
+        x = self._input_with_grad(x)
+        loss = self.module.loss(x, targets.to(self.device))
+        (loss * len(x)).backward()
+        return self._finish(x, len(x), loss=float(loss.detach()))
+
+    def evaluate(self, x: torch.Tensor, targets: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(self.module.loss(x.to(self.device), targets.to(self.device)))
+
+    def _input_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.detach().requires_grad_(True)
+        return x
+
+    def _finish(self, x: torch.Tensor, samples: int, loss: float | None) -> BackwardResult:
+        grad_input = x.grad.cpu() if x.is_floating_point() and x.grad is not None else None
+        self.accumulated_samples += samples
+        stepped = self.accumulated_samples >= self.target_batch_size
+        if stepped:
+            self._apply_step()
+        return BackwardResult(grad_input=grad_input, stepped=stepped, loss=loss)
+
+    def _apply_step(self) -> None:
+        scale = 1.0 / self.accumulated_samples
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accumulated_samples = 0
+        self.step += 1
+
+    @property
+    def memory_bytes(self) -> int:
+        """Parameters, gradients and optimizer state, in bytes."""
+        params = sum(p.numel() * p.element_size() for p in self.module.parameters())
+        state = sum(
+            t.numel() * t.element_size()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
+        return 2 * params + state
+
+
+def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

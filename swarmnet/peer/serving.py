@@ -1,0 +1,156 @@
+"""A peer's stage backend: validates every request, then computes on the compute thread.
+
+Validation happens in two passes: headers before any tensor byte is read (run id, stage, dtype,
+shape, size) and values after (finite floats, token ids in range), so bad input costs little and
+always gets a typed error. Inputs are cached per (client, microbatch id) between forward and
+backward; the backward recomputes the forward (activation checkpointing by design).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from swarmnet.config import PeerConfig, RunManifest
+from swarmnet.errors import BadRequestError, UnknownMicrobatchError, UnknownRunError
+from swarmnet.models.partition import TensorSpec, stage_input_spec, stage_output_spec, target_spec
+from swarmnet.peer.cache import ExpiringCache
+from swarmnet.peer.compute import StageComputer
+from swarmnet.peer.executor import ComputeExecutor
+from swarmnet.peer.throughput import ThroughputMeter
+from swarmnet.protocols.framing import COMPRESSIONS, DTYPES, TensorHeader
+from swarmnet.protocols.stage import BackwardRequest, ForwardRequest, ForwardResult
+from swarmnet.telemetry import metrics
+
+logger = logging.getLogger(__name__)
+
+MAX_MICROBATCH_ID = 128
+
+
+class StageServing:
+    """Implements `swarmnet.protocols.stage.StageBackend` for one stage of one run."""
+
+    def __init__(
+        self,
+        manifest: RunManifest,
+        stage: int,
+        computer: StageComputer,
+        meter: ThroughputMeter,
+        config: PeerConfig,
+    ):
+        self.manifest = manifest
+        self.run_id = manifest.run_id
+        self.stage = stage
+        self.is_last = stage == manifest.training.num_stages - 1
+        self.computer = computer
+        self.meter = meter
+        self.executor = ComputeExecutor(max_queue=config.max_queue, torch_threads=config.compute_threads)
+        self.cache: ExpiringCache[torch.Tensor] = ExpiringCache(config.input_cache_size, config.input_cache_ttl)
+        self.input_spec = stage_input_spec(manifest, stage)
+        self.output_spec = stage_output_spec(manifest, stage)
+        self.target_spec = target_spec(manifest)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.executor.pending
+
+    # --- header checks (before any tensor is read) ----------------------------------------------
+
+    def _check_common(self, run_id: str, stage: int, microbatch_id: str, compression: str) -> None:
+        if run_id != self.run_id:
+            raise UnknownRunError(f"this peer serves run {self.run_id}, not {run_id!r}")
+        if stage != self.stage:
+            raise BadRequestError(f"this peer serves stage {self.stage}, not {stage}")
+        if not microbatch_id or len(microbatch_id) > MAX_MICROBATCH_ID:
+            raise BadRequestError("microbatch id must be 1..128 characters")
+        if compression not in COMPRESSIONS:
+            raise BadRequestError(f"unknown reply compression {compression!r}")
+
+    def check_forward(self, request: ForwardRequest) -> None:
+        self._check_common(request.run_id, request.stage, request.microbatch_id, request.reply_compression)
+        _check_header(request.input, self.input_spec, "input")
+        if self.is_last != (request.targets is not None):
+            raise BadRequestError("targets go to the last stage, and only there")
+        if request.targets is not None:
+            _check_header(request.targets, self.target_spec, "targets")
+            if request.targets.shape[0] != request.input.shape[0]:
+                raise BadRequestError("targets and input have different batch sizes")
+
+    def check_backward(self, request: BackwardRequest) -> None:
+        self._check_common(request.run_id, request.stage, request.microbatch_id, request.reply_compression)
+        if self.is_last:
+            raise BadRequestError("the last stage computes its backward in the forward call")
+        _check_header(request.grad_output, self.output_spec, "grad_output")
+
+    # --- compute --------------------------------------------------------------------------------
+
+    async def forward(
+        self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
+    ) -> ForwardResult:
+        self._check_values(x, "input")
+        start = time.perf_counter()
+        if targets is not None:
+            _check_tokens(targets, self.manifest.model.vocab_size, "targets")
+            result = await self.executor.run(self.computer.loss_backward, x, targets)
+            self._observe("loss_backward", len(x), start, stepped=result.stepped)
+            return ForwardResult(output=None, grad_input=result.grad_input, loss=result.loss, step=self.computer.step)
+        output = await self.executor.run(self.computer.forward, x)
+        self._observe("forward", len(x), start, stepped=False)
+        self.cache.put((client, request.microbatch_id), x)
+        return ForwardResult(output=output, grad_input=None, loss=None, step=self.computer.step)
+
+    async def backward(
+        self, client: str, request: BackwardRequest, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, int]:
+        _check_finite(grad_output, "grad_output")
+        x = self.cache.pop((client, request.microbatch_id))
+        if x is None:
+            raise UnknownMicrobatchError(f"no cached input for microbatch {request.microbatch_id!r}")
+        if len(x) != len(grad_output):
+            raise BadRequestError("grad_output batch size differs from the forward's input")
+        start = time.perf_counter()
+        result = await self.executor.run(self.computer.backward, x, grad_output)
+        self._observe("backward", len(x), start, stepped=result.stepped)
+        return result.grad_input, self.computer.step
+
+    def _check_values(self, x: torch.Tensor, what: str) -> None:
+        if x.dtype == torch.int64:
+            _check_tokens(x, self.manifest.model.vocab_size, what)
+        else:
+            _check_finite(x, what)
+
+    def _observe(self, kind: str, samples: int, start: float, *, stepped: bool) -> None:
+        seconds = time.perf_counter() - start
+        self.meter.record(kind, samples, seconds)
+        metrics.STAGE_COMPUTE_SECONDS.labels(kind=kind).observe(seconds)
+        metrics.STAGE_SAMPLES.labels(kind=kind).inc(samples)
+        if stepped:
+            metrics.OPTIMIZER_STEPS.inc()
+            logger.info("stage %d took optimizer step %d", self.stage, self.computer.step)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _check_header(header: TensorHeader, spec: TensorSpec, what: str) -> None:
+    if DTYPES.get(header.dtype) != spec.dtype:
+        raise BadRequestError(f"{what} dtype {header.dtype} != expected {spec.dtype}")
+    shape = header.shape
+    if len(shape) != len(spec.shape) or list(shape[1:]) != list(spec.shape[1:]):
+        raise BadRequestError(f"{what} shape {shape} does not fit {list(spec.shape)}")
+    if not 1 <= shape[0] <= spec.shape[0]:
+        raise BadRequestError(f"{what} batch {shape[0]} outside 1..{spec.shape[0]}")
+    if header.compression not in COMPRESSIONS:
+        raise BadRequestError(f"unknown compression {header.compression!r}")
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise BadRequestError(f"{what} contains NaN or Inf")
+
+
+def _check_tokens(x: torch.Tensor, vocab_size: int, what: str) -> None:
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
+        raise BadRequestError(f"{what} has token ids outside 0..{vocab_size - 1}")

@@ -1,0 +1,38 @@
+"""Which stage a joining peer should serve (`swarmnet join --stage auto`).
+
+A pipeline runs only as fast as its slowest stage, so a new peer joins the bottleneck: the stage with
+the least total advertised throughput. An empty stage has throughput 0, so it always comes first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from swarmnet.pipeline.snapshot import SwarmSnapshot
+
+_REL_TOL = 1e-9
+"""Stage throughputs this close are a tie (sums of floats in another order differ in the last bits)."""
+
+
+def choose_stage(snapshot: SwarmSnapshot, rng: random.Random | None = None) -> int:
+    """Returns the bottleneck stage of `snapshot`.
+
+    Ties on throughput are broken by the fewest peers (so an empty stage wins over a stage of
+    unmeasured peers), then uniformly at random with `rng`, so that peers joining at the same time
+    from the same snapshot spread over the tied stages instead of piling onto one. The result is
+    deterministic for a given `rng` state; without one, a fresh unseeded generator is used.
+
+    Raises `ValueError` if the run has no stages.
+    """
+    if snapshot.num_stages < 1:
+        raise ValueError(f"cannot choose a stage: num_stages={snapshot.num_stages}")
+    groups = snapshot.by_stage()
+    throughput = snapshot.stage_throughput()
+    lowest = min(throughput)
+    tied = [s for s, t in enumerate(throughput) if math.isclose(t, lowest, rel_tol=_REL_TOL)]
+    fewest = min(len(groups[s]) for s in tied)
+    candidates = [s for s in tied if len(groups[s]) == fewest]
+    if len(candidates) == 1:
+        return candidates[0]
+    return (rng or random.Random()).choice(candidates)

@@ -1,0 +1,90 @@
+"""Typed msgpack bodies: dataclass ⇄ map, with strict field and type checks on the way in.
+
+Shared by DHT records and wire messages so that every byte from the network becomes a typed,
+validated object before any code looks at it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+
+def to_body(obj: Any) -> dict:
+    """A dataclass instance as a msgpack-ready map (nested dataclasses become maps)."""
+    body = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_body(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        body[f.name] = value
+    return body
+
+
+def from_body(cls: type, body: Any, error: type[Exception]) -> Any:
+    """Builds `cls` from a decoded map; raises `error` on unknown/missing fields or wrong types."""
+    name = getattr(cls, "KIND", cls.__name__)
+    if not isinstance(body, dict):
+        raise error(f"{name} must be a map")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(fields)
+    missing = {
+        n
+        for n, f in fields.items()
+        if n not in body and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    if unknown or missing:
+        raise error(f"{name}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    kwargs = {}
+    for key, value in body.items():
+        kwargs[key] = _check(hints[key], value, f"{name}.{key}", error)
+    return cls(**kwargs)
+
+
+def _check(hint: Any, value: Any, where: str, error: type[Exception]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _check(arg, value, where, error)
+            except error:
+                continue
+        raise error(f"{where} has wrong type {type(value).__name__}")
+    if dataclasses.is_dataclass(hint):
+        return from_body(hint, value, error)
+    ok: bool
+    if hint is type(None):
+        ok = value is None
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise error(f"{where} must be a list")
+        return [_check(item, v, where, error) for v in value]
+    elif origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise error(f"{where} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check(args[0], v, where, error) for v in value)
+        if len(args) != len(value):
+            raise error(f"{where} must have {len(args)} items")
+        return tuple(_check(a, v, where, error) for a, v in zip(args, value))
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            value = float(value)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is dict or hint is dict:
+        ok = isinstance(value, dict)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise error(f"{where} has wrong type {type(value).__name__}")
+    return value

@@ -1,0 +1,180 @@
+"""Frames and chunked tensors over one libp2p stream (hivemind's binary stream handlers).
+
+A frame is `type (1 byte) | length (4 bytes, big-endian) | payload`:
+
+- `MESSAGE`: msgpack `[name, body]` of a typed message, at most `MAX_MESSAGE_BYTES`;
+- `CHUNK`: raw tensor bytes, at most `MAX_FRAME_BYTES` (4 MiB, the size where libp2p unary calls
+  stop working), so any tensor streams as a sequence of chunks;
+- `ERROR`: msgpack `[code, message]`, a typed error reply (see `swarmnet.errors`).
+
+A message that announces tensors carries a `TensorHeader` per tensor; the receiver checks each header
+against what it expects *before* reading any chunk, so an oversized or mistyped tensor is refused
+without being buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from swarmnet.errors import ProtocolError, SwarmnetError, error_from_code
+from swarmnet.protocols.codec import from_body, to_body
+
+MESSAGE, CHUNK, ERROR = 1, 2, 3
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
+_HEADER = 5
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+COMPRESSIONS = ("none", "fp16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorHeader:
+    """Describes one tensor that follows as chunks: logical dtype and shape, and how it travels."""
+
+    dtype: str
+    shape: list[int]
+    compression: str = "none"
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return torch.float16 if self.compression == "fp16" else DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.wire_dtype.itemsize
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ProtocolError(f"unsupported dtype {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ProtocolError(f"unsupported compression {self.compression!r}")
+        if self.compression == "fp16" and not DTYPES[self.dtype].is_floating_point:
+            raise ProtocolError("fp16 compression applies to floating-point tensors only")
+        if len(self.shape) > 8 or any(d < 0 for d in self.shape):
+            raise ProtocolError(f"invalid tensor shape {self.shape}")
+
+
+def header_for(tensor: torch.Tensor, compression: str = "none") -> TensorHeader:
+    if tensor.dtype not in DTYPE_NAMES:
+        raise ProtocolError(f"cannot send dtype {tensor.dtype}")
+    if not tensor.dtype.is_floating_point:
+        compression = "none"
+    return TensorHeader(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), compression=compression)
+
+
+class FramedStream:
+    """Typed messages, tensors and errors over one asyncio (reader, writer) pair."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer: str | None = None):
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def _frame(self, kind: int, payload: bytes | memoryview) -> None:
+        self.writer.write(bytes([kind]) + len(payload).to_bytes(4, "big"))
+        self.writer.write(payload)
+
+    async def send_message(self, message: Any) -> None:
+        payload = msgpack.packb([type(message).__name__, to_body(message)], use_bin_type=True)
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message {type(message).__name__} is {len(payload)} bytes")
+        self._frame(MESSAGE, payload)
+        await self.writer.drain()
+
+    async def send_tensor(self, tensor: torch.Tensor, header: TensorHeader) -> None:
+        data = tensor.detach().to("cpu", header.wire_dtype).contiguous().view(-1).view(torch.uint8)
+        view = memoryview(data.numpy())
+        for offset in range(0, len(view), CHUNK_BYTES):
+            self._frame(CHUNK, view[offset : offset + CHUNK_BYTES])
+            await self.writer.drain()
+
+    async def send_error(self, error: BaseException) -> None:
+        code = error.code if isinstance(error, SwarmnetError) else "internal"
+        message = str(error) if isinstance(error, SwarmnetError) else f"internal error: {type(error).__name__}"
+        self._frame(ERROR, msgpack.packb([code, message[:4000]], use_bin_type=True))
+        await self.writer.drain()
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def _read_frame(self) -> tuple[int, bytes]:
+        try:
+            head = await self.reader.readexactly(_HEADER)
+        except asyncio.IncompleteReadError as e:
+            raise ProtocolError("stream closed before a frame arrived") from e
+        kind, length = head[0], int.from_bytes(head[1:], "big")
+        limit = MAX_FRAME_BYTES if kind == CHUNK else MAX_MESSAGE_BYTES
+        if kind not in (MESSAGE, CHUNK, ERROR):
+            raise ProtocolError(f"unknown frame type {kind}")
+        if length > limit:
+            raise ProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit")
+        try:
+            return kind, await self.reader.readexactly(length)
+        except asyncio.IncompleteReadError as e:
+            raise ProtocolError("stream closed inside a frame") from e
+
+    async def receive_message(self, *expected: type) -> Any:
+        """Reads one message of one of the `expected` types; raises the typed error on an ERROR frame."""
+        kind, payload = await self._read_frame()
+        if kind == ERROR:
+            raise _decode_error(payload, self.peer)
+        if kind != MESSAGE:
+            raise ProtocolError("expected a message frame")
+        try:
+            name, body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        except Exception as e:  # msgpack raises several unrelated exception types
+            raise ProtocolError(f"malformed message: {e}") from e
+        for cls in expected:
+            if cls.__name__ == name:
+                return from_body(cls, body, ProtocolError)
+        raise ProtocolError(f"unexpected message {name!r}, expected {[c.__name__ for c in expected]}")
+
+    async def receive_tensor(self, header: TensorHeader) -> torch.Tensor:
+        """Reads the chunks of a tensor whose header the caller has already validated."""
+        header.check()
+        buffer = bytearray(header.nbytes)
+        received = 0
+        while received < len(buffer):
+            kind, payload = await self._read_frame()
+            if kind == ERROR:
+                raise _decode_error(payload, self.peer)
+            if kind != CHUNK:
+                raise ProtocolError("expected a tensor chunk")
+            if received + len(payload) > len(buffer):
+                raise ProtocolError("tensor chunks exceed the announced size")
+            buffer[received : received + len(payload)] = payload
+            received += len(payload)
+        if not buffer:
+            return torch.empty(header.shape, dtype=DTYPES[header.dtype])
+        tensor = torch.frombuffer(buffer, dtype=header.wire_dtype).reshape(header.shape)
+        return tensor.to(DTYPES[header.dtype])
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def _decode_error(payload: bytes, peer: str | None) -> SwarmnetError:
+    try:
+        code, message = msgpack.unpackb(payload, raw=False)
+        return error_from_code(str(code), str(message), peer)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        return ProtocolError(f"malformed error reply from {peer}: {e}")

@@ -1,0 +1,225 @@
+"""Stage protocol `/swarmnet/stage/1`: forward and backward of one microbatch through one stage.
+
+One call = one libp2p stream: the client sends a request message and its tensors as chunks, the
+server answers with a reply message and its tensors, or with a typed error frame.
+
+- `ForwardRequest(input)` → `ForwardReply(output)`: the server caches the input for the backward.
+- `ForwardRequest(input, targets)` to the last stage → `ForwardReply(loss, grad_input)`: the last
+  stage computes the loss and its backward at once (nothing to cache).
+- `BackwardRequest(grad_output)` → `BackwardReply(grad_input)`: the server recomputes the forward of
+  the cached input with grad, back-propagates and accumulates parameter gradients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarmnet.errors import PeerUnavailableError, ProtocolError, SwarmnetError
+from swarmnet.protocols.framing import FramedStream, TensorHeader, header_for
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "/swarmnet/stage/1"
+REQUEST_READ_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardRequest:
+    run_id: str
+    microbatch_id: str
+    stage: int
+    input: TensorHeader
+    targets: TensorHeader | None = None
+    """Only for the last stage: compute the loss and its backward in this call."""
+    reply_compression: str = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardReply:
+    output: TensorHeader | None
+    grad_input: TensorHeader | None
+    loss: float | None
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackwardRequest:
+    run_id: str
+    microbatch_id: str
+    stage: int
+    grad_output: TensorHeader
+    reply_compression: str = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackwardReply:
+    grad_input: TensorHeader | None
+    step: int
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    output: torch.Tensor | None
+    grad_input: torch.Tensor | None
+    loss: float | None
+    step: int
+
+
+class StageBackend(Protocol):
+    """What the servicer needs from a peer: validation and compute, raising typed errors."""
+
+    def check_forward(self, request: ForwardRequest) -> None: ...
+
+    def check_backward(self, request: BackwardRequest) -> None: ...
+
+    async def forward(
+        self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
+    ) -> ForwardResult: ...
+
+    async def backward(
+        self, client: str, request: BackwardRequest, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, int]: ...
+
+
+class StageServicer:
+    """Serves forward/backward for one `StageBackend` on a P2P host."""
+
+    def __init__(self, backend: StageBackend):
+        self.backend = backend
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+
+    async def unregister(self, p2p: P2P) -> None:
+        await p2p.remove_binary_stream_handler(PROTOCOL)
+
+    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = str(info.peer_id)
+        stream = FramedStream(reader, writer, peer=client)
+        try:
+            await self._serve(client, stream)
+        except SwarmnetError as e:
+            logger.debug("refused request from %s: %s", client, e)
+            await _try(stream.send_error(e))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            logger.debug("client %s went away", client)
+        except Exception as e:  # keep serving whatever one request did; log it with its traceback
+            logger.exception("internal error serving %s", client)
+            await _try(stream.send_error(e))
+        finally:
+            await _try(stream.close())
+
+    async def _serve(self, client: str, stream: FramedStream) -> None:
+        async with asyncio.timeout(REQUEST_READ_TIMEOUT):
+            request = await stream.receive_message(ForwardRequest, BackwardRequest)
+            if isinstance(request, ForwardRequest):
+                self.backend.check_forward(request)
+                x = await stream.receive_tensor(request.input)
+                targets = await stream.receive_tensor(request.targets) if request.targets else None
+            else:
+                self.backend.check_backward(request)
+                grad_output = await stream.receive_tensor(request.grad_output)
+        if isinstance(request, ForwardRequest):
+            result = await self.backend.forward(client, request, x, targets)
+            out = _header(result.output, request.reply_compression)
+            grad = _header(result.grad_input, request.reply_compression)
+            await stream.send_message(ForwardReply(output=out, grad_input=grad, loss=result.loss, step=result.step))
+            await _send(stream, result.output, out)
+            await _send(stream, result.grad_input, grad)
+        else:
+            grad_input, step = await self.backend.backward(client, request, grad_output)
+            grad = _header(grad_input, request.reply_compression)
+            await stream.send_message(BackwardReply(grad_input=grad, step=step))
+            await _send(stream, grad_input, grad)
+
+
+class StageStub:
+    """Client side of the stage protocol for one remote peer."""
+
+    def __init__(self, p2p: P2P, peer_id: str, maddrs: list[str], *, compression: str = "none"):
+        self.p2p = p2p
+        self.peer_id = peer_id
+        self.maddrs = maddrs
+        self.compression = compression
+        self._connected = False
+
+    async def forward(
+        self, run_id: str, microbatch_id: str, stage: int, x: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> ForwardResult:
+        header = header_for(x, self.compression)
+        request = ForwardRequest(
+            run_id=run_id,
+            microbatch_id=microbatch_id,
+            stage=stage,
+            input=header,
+            targets=header_for(targets) if targets is not None else None,
+            reply_compression=self.compression,
+        )
+        stream = await self._open()
+        try:
+            await stream.send_message(request)
+            await stream.send_tensor(x, header)
+            if targets is not None:
+                await stream.send_tensor(targets, request.targets)
+            reply = await stream.receive_message(ForwardReply)
+            output = await stream.receive_tensor(reply.output) if reply.output else None
+            grad = await stream.receive_tensor(reply.grad_input) if reply.grad_input else None
+            return ForwardResult(output=output, grad_input=grad, loss=reply.loss, step=reply.step)
+        finally:
+            await stream.close()
+
+    async def backward(
+        self, run_id: str, microbatch_id: str, stage: int, grad_output: torch.Tensor
+    ) -> torch.Tensor | None:
+        header = header_for(grad_output, self.compression)
+        request = BackwardRequest(
+            run_id=run_id,
+            microbatch_id=microbatch_id,
+            stage=stage,
+            grad_output=header,
+            reply_compression=self.compression,
+        )
+        stream = await self._open()
+        try:
+            await stream.send_message(request)
+            await stream.send_tensor(grad_output, header)
+            reply = await stream.receive_message(BackwardReply)
+            return await stream.receive_tensor(reply.grad_input) if reply.grad_input else None
+        finally:
+            await stream.close()
+
+    async def _open(self) -> FramedStream:
+        pid = PeerID.from_base58(self.peer_id)
+        try:
+            if not self._connected and self.maddrs:
+                # hivemind's P2P has no public connect(); its daemon client does.
+                await self.p2p._client.connect(pid, [Multiaddr(m.split("/p2p/")[0]) for m in self.maddrs])
+                self._connected = True
+            _, reader, writer = await self.p2p.call_binary_stream_handler(pid, PROTOCOL)
+        except Exception as e:  # p2pd reports dial failures as ControlFailure/ConnectionError
+            self._connected = False
+            raise PeerUnavailableError(f"cannot open a stream to {self.peer_id}: {e}", peer=self.peer_id) from e
+        return FramedStream(reader, writer, peer=self.peer_id)
+
+
+def _header(tensor: torch.Tensor | None, compression: str) -> TensorHeader | None:
+    return header_for(tensor, compression) if tensor is not None else None
+
+
+async def _send(stream: FramedStream, tensor: torch.Tensor | None, header: TensorHeader | None) -> None:
+    if tensor is not None and header is not None:
+        await stream.send_tensor(tensor, header)
+
+
+async def _try(coro) -> None:
+    try:
+        await coro
+    except (ConnectionError, OSError, ProtocolError, RuntimeError):
+        pass

@@ -1,0 +1,34 @@
+"""Every Prometheus metric swarmnet exports, in one module, all prefixed `swarmnet_`."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+STAGE_REQUESTS = Counter(
+    "swarmnet_stage_requests_total", "Stage protocol requests served, by kind and outcome", ["kind", "outcome"]
+)
+STAGE_COMPUTE_SECONDS = Histogram(
+    "swarmnet_stage_compute_seconds", "Compute time of one stage call", ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+STAGE_SAMPLES = Counter("swarmnet_stage_samples_total", "Samples computed by this peer", ["kind"])
+OPTIMIZER_STEPS = Counter("swarmnet_optimizer_steps_total", "Optimizer steps taken by this peer")
+QUEUE_DEPTH = Gauge("swarmnet_stage_queue_depth", "Requests waiting for this peer's compute thread")
+THROUGHPUT = Gauge("swarmnet_stage_throughput_samples_per_second", "Measured throughput of this peer")
+TRAINER_LOSS = Gauge("swarmnet_trainer_loss", "Mean training loss of the last step")
+TRAINER_SAMPLES = Counter("swarmnet_trainer_samples_total", "Samples completed by this trainer")
+TRAINER_DROPPED = Counter("swarmnet_trainer_microbatches_dropped_total", "Microbatches given up after retries")
+TRAINER_RETRIES = Counter("swarmnet_trainer_retries_total", "Stage calls retried, by stage", ["stage"])
+
+
+def serve_metrics(host: str, port: int | None) -> str | None:
+    """Starts the `/metrics` endpoint; returns its host:port, or None when disabled."""
+    if port is None:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    bound = server.server_address[1]
+    return f"{host}:{bound}"

@@ -1,0 +1,87 @@
+"""`LocalSwarm`: a coordinator, stage peers and trainers as real local processes on 127.0.0.1.
+
+Used by the demo and by the integration tests. Every process it starts is stopped (SIGTERM, then
+SIGKILL of its process group) and reaped when the swarm is closed, even after a failure.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from swarmnet.config import RunManifest
+from swarmnet.testing.processes import ManagedProcess, child_env, swarmnet_command
+from swarmnet.testing.toml import dump_toml
+
+STARTUP_TIMEOUT = 90.0
+
+
+class LocalSwarm:
+    def __init__(self, manifest: RunManifest, *, workdir: str | Path | None = None, env: dict[str, str] | None = None):
+        self.manifest = manifest
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="swarmnet-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.run_path = self.workdir / "run.toml"
+        self.run_path.write_text(dump_toml(manifest.to_dict()))
+        self.env = child_env(env)
+        self.processes: list[ManagedProcess] = []
+        self.coordinator: ManagedProcess | None = None
+        self._count = 0
+
+    @property
+    def initial_peers(self) -> list[str]:
+        if self.coordinator is None or self.coordinator.ready is None:
+            raise RuntimeError("the coordinator is not running")
+        return list(self.coordinator.ready["maddrs"])
+
+    def spawn(self, name: str, *args: str) -> ManagedProcess:
+        self._count += 1
+        process = ManagedProcess(f"{self._count:02d}-{name}", swarmnet_command(*args), log_dir=self.workdir, env=self.env)
+        self.processes.append(process)
+        return process
+
+    def start_coordinator(self, *extra: str, wait: bool = True) -> ManagedProcess:
+        self.coordinator = self.spawn(
+            "coordinator", "coordinator", "--run", str(self.run_path), "--identity", str(self.workdir / "coordinator.key"), *extra
+        )
+        if wait:
+            self.coordinator.wait_event("ready", STARTUP_TIMEOUT)
+        return self.coordinator
+
+    def start_peer(self, stage: int | str = "auto", *extra: str, wait: bool = True) -> ManagedProcess:
+        peer = self.spawn(f"peer-s{stage}", "join", "--initial-peers", *self.initial_peers, "--stage", str(stage), *extra)
+        if wait:
+            peer.wait_event("ready", STARTUP_TIMEOUT)
+        return peer
+
+    def start_trainer(self, *extra: str) -> ManagedProcess:
+        return self.spawn("trainer", "train", "--initial-peers", *self.initial_peers, *extra)
+
+    def start_peers(self, stages: list[int | str]) -> list[ManagedProcess]:
+        """Starts several peers at once, then waits until each is serving."""
+        peers = [self.start_peer(s, wait=False) for s in stages]
+        for peer in peers:
+            peer.wait_event("ready", STARTUP_TIMEOUT)
+        return peers
+
+    def close(self) -> None:
+        """Stops every process, newest first (trainers, then peers, then the coordinator)."""
+        errors: list[BaseException] = []
+        for process in reversed(self.processes):
+            try:
+                process.stop()
+            except BaseException as e:  # keep reaping the others, re-raise afterwards
+                errors.append(e)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,49 @@
+"""The trainer's view of who serves each stage: DHT records cached for a few seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from swarmnet.config import RunManifest
+from swarmnet.dht.node import SwarmDHT
+from swarmnet.dht.stages import read_stage
+from swarmnet.pipeline.snapshot import PeerInfo
+from swarmnet.protocols.stage import StageStub
+
+logger = logging.getLogger(__name__)
+
+
+class StageDirectory:
+    """Stage servers by stage, refreshed from the DHT when older than `max_age` or empty."""
+
+    def __init__(self, dht: SwarmDHT, manifest: RunManifest, *, max_age: float = 5.0, compression: str = "none"):
+        self.dht = dht
+        self.manifest = manifest
+        self.max_age = max_age
+        self.compression = compression
+        self._peers: dict[int, list[PeerInfo]] = {}
+        self._stubs: dict[str, StageStub] = {}
+        self._fetched_at: dict[int, float] = {}
+        self._locks = {s: asyncio.Lock() for s in range(manifest.training.num_stages)}
+
+    async def peers(self, stage: int, *, force: bool = False) -> list[PeerInfo]:
+        async with self._locks[stage]:
+            age = time.monotonic() - self._fetched_at.get(stage, -1e9)
+            if force or age > self.max_age or not self._peers.get(stage):
+                await self._refresh(stage)
+        return self._peers.get(stage, [])
+
+    def stub(self, peer_id: str) -> StageStub:
+        return self._stubs[peer_id]
+
+    async def _refresh(self, stage: int) -> None:
+        found = []
+        for info, record in await read_stage(self.dht, self.manifest.run_id, stage):
+            found.append(info)
+            stub = self._stubs.get(info.peer_id)
+            if stub is None or stub.maddrs != record.maddrs:
+                self._stubs[info.peer_id] = StageStub(self.dht.p2p, info.peer_id, record.maddrs, compression=self.compression)
+        self._peers[stage] = found
+        self._fetched_at[stage] = time.monotonic()

@@ -1,0 +1,73 @@
+"""Composition roots of the trainer role: over the swarm, or locally as the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from swarmnet.config import RunManifest, TrainerConfig
+from swarmnet.data.corpus import load_corpus
+from swarmnet.data.loader import MicrobatchStream
+from swarmnet.dht import keys
+from swarmnet.dht.identity import Identity
+from swarmnet.dht.manifests import fetch_manifest, peer_ids_of
+from swarmnet.dht.node import SwarmDHT
+from swarmnet.dht.records import TrainerRecord
+from swarmnet.trainer.local import LocalTrainer
+from swarmnet.trainer.steps import StepReport, TrainingSummary
+from swarmnet.trainer.directory import StageDirectory
+from swarmnet.trainer.swarm import SwarmTrainer
+
+logger = logging.getLogger(__name__)
+
+TRAINER_RECORD_TTL = 30.0
+
+
+def make_data(manifest: RunManifest) -> MicrobatchStream:
+    return MicrobatchStream(load_corpus(manifest.data), manifest.training, manifest.data.holdout_fraction)
+
+
+async def run_swarm_training(
+    *,
+    config: TrainerConfig,
+    initial_peers: Sequence[str],
+    run_id: str | None,
+    identity: Identity,
+    stop: asyncio.Event,
+    on_start: Callable[[RunManifest, str], None],
+    on_step: Callable[[StepReport], None],
+) -> TrainingSummary:
+    dht = await SwarmDHT.create(
+        identity=identity, initial_peers=initial_peers, host=config.host, client_mode=True
+    )
+    async with dht:
+        manifest = await fetch_manifest(dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers))
+        on_start(manifest, dht.peer_id)
+        data = await asyncio.to_thread(make_data, manifest)
+        trainer = SwarmTrainer(manifest, config, StageDirectory(dht, manifest), data)
+
+        async def report(step: StepReport) -> None:
+            on_step(step)
+            record = TrainerRecord(step=step.step, loss=step.loss if step.samples else 0.0, samples_per_s=step.samples_per_s)
+            try:
+                await dht.put(keys.trainer_key(manifest.run_id), record, TRAINER_RECORD_TTL)
+            except Exception as e:  # progress records are best effort; training goes on
+                logger.debug("could not publish the trainer record: %s", e)
+
+        return await trainer.train(stop=stop, on_step=report)
+
+
+async def run_local_training(
+    *,
+    manifest: RunManifest,
+    config: TrainerConfig,
+    stop: asyncio.Event,
+    on_step: Callable[[StepReport], None],
+) -> TrainingSummary:
+    data = await asyncio.to_thread(make_data, manifest)
+
+    async def report(step: StepReport) -> None:
+        on_step(step)
+
+    return await LocalTrainer(manifest, config, data).train(stop=stop, on_step=report)

@@ -1,0 +1,124 @@
+"""The step loop shared by the swarm trainer and the local reference trainer.
+
+Step k consists of microbatches `k*m .. k*m+m-1` (m = target_batch_size / microbatch_size) of the
+manifest's deterministic data stream, so both trainers see the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from swarmnet.config import RunManifest, TrainerConfig
+from swarmnet.data.loader import Microbatch, MicrobatchStream
+from swarmnet.errors import SwarmnetError
+from swarmnet.telemetry import metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    """Steps completed so far (1 after the first)."""
+    loss: float
+    """Mean loss of this step's completed microbatches (NaN if all were dropped)."""
+    samples: int
+    """Samples completed in this step."""
+    dropped: int
+    """Microbatches given up in this step."""
+    step_seconds: float
+    samples_per_s: float
+    """Samples completed per second of wall time since training began."""
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    initial_loss: float
+    final_loss: float
+    steps: int
+    samples_per_s: float
+    dropped: int
+    elapsed: float
+
+
+class StepRunner(ABC):
+    def __init__(self, manifest: RunManifest, config: TrainerConfig, data: MicrobatchStream):
+        self.manifest = manifest
+        self.config = config
+        self.data = data
+
+    @abstractmethod
+    async def run_microbatch(self, mb: Microbatch) -> float:
+        """Forward and backward of one microbatch through every stage; returns its loss."""
+
+    async def train(
+        self, *, stop: asyncio.Event | None = None, on_step: Callable[[StepReport], Awaitable[None]] | None = None
+    ) -> TrainingSummary:
+        per_step = self.manifest.microbatches_per_step
+        max_steps, max_seconds = self.config.max_steps, self.config.max_seconds
+        start = time.monotonic()
+        reports: list[StepReport] = []
+        total_samples = dropped_total = 0
+        step = 0
+        while (max_steps is None or step < max_steps) and not (stop is not None and stop.is_set()):
+            if max_seconds is not None and time.monotonic() - start >= max_seconds:
+                break
+            step_start = time.monotonic()
+            losses, dropped = await self._run_step([self.data.microbatch(step * per_step + i) for i in range(per_step)])
+            step += 1
+            samples = len(losses) * self.manifest.training.microbatch_size
+            total_samples += samples
+            dropped_total += dropped
+            now = time.monotonic()
+            report = StepReport(
+                step=step,
+                loss=sum(losses) / len(losses) if losses else math.nan,
+                samples=samples,
+                dropped=dropped,
+                step_seconds=now - step_start,
+                samples_per_s=total_samples / max(now - start, 1e-9),
+                elapsed=now - start,
+            )
+            reports.append(report)
+            metrics.TRAINER_SAMPLES.inc(samples)
+            if losses:
+                metrics.TRAINER_LOSS.set(report.loss)
+            if on_step is not None:
+                await on_step(report)
+        elapsed = time.monotonic() - start
+        finite = [r.loss for r in reports if math.isfinite(r.loss)]
+        return TrainingSummary(
+            initial_loss=finite[0] if finite else math.nan,
+            final_loss=finite[-1] if finite else math.nan,
+            steps=step,
+            samples_per_s=total_samples / max(elapsed, 1e-9),
+            dropped=dropped_total,
+            elapsed=elapsed,
+        )
+
+    async def _run_step(self, microbatches: list[Microbatch]) -> tuple[list[float], int]:
+        gate = asyncio.Semaphore(self.config.max_in_flight)
+        losses: dict[int, float] = {}
+        dropped = 0
+
+        async def one(mb: Microbatch) -> None:
+            nonlocal dropped
+            async with gate:
+                try:
+                    losses[mb.index] = await self.run_microbatch(mb)
+                except (SwarmnetError, TimeoutError, OSError) as e:
+                    dropped += 1
+                    metrics.TRAINER_DROPPED.inc()
+                    logger.warning("dropped microbatch %d: %s", mb.index, e)
+
+        async with asyncio.TaskGroup() as tasks:
+            for mb in microbatches:
+                tasks.create_task(one(mb))
+        return [losses[i] for i in sorted(losses)], dropped

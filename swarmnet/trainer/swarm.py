@@ -1,0 +1,112 @@
+"""The swarm trainer: drives microbatches through the stages and back, over the network.
+
+Each optimizer step's microbatches run with up to `max_in_flight` in the pipeline at once; a step
+starts after the previous step's microbatches completed (or were dropped), so no gradient is ever
+computed against parameters a step older than the ones it is applied to: the swarm computes exactly
+what `swarmnet train --local` computes.
+
+Routing is stochastic wiring (`swarmnet.pipeline.routing`) with one finite retry/backoff/ban policy
+(`swarmnet.pipeline.retry`). If a backward fails, the trainer replays that stage's forward on a
+peer of the same stage (it still holds the stage input) and runs the backward there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import torch
+
+from swarmnet.config import RunManifest, TrainerConfig
+from swarmnet.data.loader import Microbatch, MicrobatchStream
+from swarmnet.errors import SwarmError, SwarmnetError
+from swarmnet.pipeline.retry import RetryPolicy
+from swarmnet.pipeline.routing import choose_peer
+from swarmnet.protocols.stage import StageStub
+from swarmnet.telemetry import metrics
+from swarmnet.trainer.directory import StageDirectory
+from swarmnet.trainer.steps import StepReport, StepRunner
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class SwarmTrainer(StepRunner):
+    """Trains `manifest` through the peers found in `directory`."""
+
+    def __init__(self, manifest: RunManifest, config: TrainerConfig, directory: StageDirectory, data: MicrobatchStream):
+        super().__init__(manifest, config, data)
+        self.directory = directory
+        self.policy = RetryPolicy(config.retry)
+        self.rng = random.Random()
+        self.session = secrets.token_hex(4)
+        self.num_stages = manifest.training.num_stages
+
+    async def run_microbatch(self, mb: Microbatch) -> float:
+        mb_id = f"{self.session}-{mb.index}"
+        run_id = self.manifest.run_id
+        last = self.num_stages - 1
+        x: torch.Tensor = mb.tokens
+        inputs, route = [], []
+        for stage in range(last):
+            peer_id, result = await self._call(stage, lambda stub, s=stage, x=x: stub.forward(run_id, mb_id, s, x))
+            inputs.append(x)
+            route.append(peer_id)
+            x = result.output
+        _, result = await self._call(last, lambda stub: stub.forward(run_id, mb_id, last, x, mb.targets))
+        grad = result.grad_input
+        for stage in reversed(range(last)):
+            grad = await self._backward(stage, route[stage], inputs[stage], grad, mb_id)
+        return result.loss
+
+    async def _backward(self, stage: int, peer_id: str, x: torch.Tensor, grad: torch.Tensor, mb_id: str) -> torch.Tensor:
+        run_id = self.manifest.run_id
+        try:
+            async with asyncio.timeout(self.policy.call_timeout):
+                return await self.directory.stub(peer_id).backward(run_id, mb_id, stage, grad)
+        except (SwarmnetError, TimeoutError, OSError) as e:
+            if not self.policy.should_retry(e, 0):
+                raise
+            if self.policy.should_ban(e):
+                self.policy.ban(peer_id)
+            logger.info("backward of %s on stage %d failed at %s (%s): replaying", mb_id, stage, peer_id[-6:], e)
+
+        async def replay(stub: StageStub) -> torch.Tensor:
+            await stub.forward(run_id, mb_id, stage, x)
+            return await stub.backward(run_id, mb_id, stage, grad)
+
+        _, grad_input = await self._call(stage, replay)
+        return grad_input
+
+    async def _call(self, stage: int, fn: Callable[[StageStub], Awaitable[T]]) -> tuple[str, T]:
+        """Calls `fn` on a peer of `stage` picked by stochastic wiring, retrying within the policy."""
+        last_error: BaseException | None = None
+        for attempt in range(self.policy.max_attempts):
+            peers = await self.directory.peers(stage, force=attempt > 0 and last_error is None)
+            peer = choose_peer(peers, banned=self.policy.banned(), rng=self.rng)
+            if peer is not None:
+                try:
+                    async with asyncio.timeout(self.policy.call_timeout):
+                        return peer.peer_id, await fn(self.directory.stub(peer.peer_id))
+                except (SwarmnetError, TimeoutError, OSError) as e:
+                    last_error = e
+                    if self.policy.should_ban(e):
+                        self.policy.ban(peer.peer_id)
+                    if not self.policy.should_retry(e, attempt):
+                        raise
+                    metrics.TRAINER_RETRIES.labels(stage=str(stage)).inc()
+                    logger.info("stage %d call to %s failed (%s); retrying", stage, peer.peer_id[-6:], e)
+            else:
+                last_error = None
+            if attempt + 1 < self.policy.max_attempts:
+                await asyncio.sleep(self.policy.backoff(attempt, self.rng))
+        raise SwarmError(f"stage {stage}: no peer served the call after {self.policy.max_attempts} tries") from last_error
+
+
+__all__ = ["SwarmTrainer", "StepReport"]
