@@ -164,6 +164,8 @@ class PeerConfig:
     """Port of the Prometheus `/metrics` endpoint; 0 picks a free one, none disables it."""
     compute_threads: int = 1
     """torch intra-op threads used by the compute executor."""
+    manifest_timeout: float = 30.0
+    """Seconds to wait for a verified run manifest to appear in the DHT."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,6 +198,8 @@ class TrainerConfig:
     """Report loss every this many steps."""
     host: str = "127.0.0.1"
     """Interface for the trainer's own libp2p host."""
+    manifest_timeout: float = 30.0
+    """Seconds to wait for a verified run manifest to appear in the DHT."""
     retry: RetryConfig = field(default_factory=RetryConfig)
 
 

@@ -45,7 +45,8 @@ async def run_peer(
     launched = time.monotonic()
     dht = await SwarmDHT.create(identity=identity, initial_peers=initial_peers, host=config.host, port=config.port)
     async with dht:
-        manifest = await fetch_manifest(dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers))
+        manifest = await fetch_manifest(dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers), timeout=config.manifest_timeout
+        )
         num_stages = manifest.training.num_stages
         if stage is None:
             stage = choose_stage(await read_swarm(dht, manifest), random.Random())

@@ -42,7 +42,8 @@ async def run_swarm_training(
         identity=identity, initial_peers=initial_peers, host=config.host, client_mode=True
     )
     async with dht:
-        manifest = await fetch_manifest(dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers))
+        manifest = await fetch_manifest(dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers), timeout=config.manifest_timeout
+        )
         on_start(manifest, dht.peer_id)
         data = await asyncio.to_thread(make_data, manifest)
         trainer = SwarmTrainer(manifest, config, StageDirectory(dht, manifest), data)

@@ -1,0 +1,64 @@
+"""Coordinator, peers and a trainer find each other through the DHT; forged manifests are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from swarmnet.testing.processes import swarmnet_command
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def test_peers_and_trainer_meet_through_the_dht(swarm, manifest):
+    coordinator = swarm.coordinator.ready
+    assert coordinator["run_id"] == manifest.run_id
+    assert all(m.startswith("/ip4/127.0.0.1/") for m in coordinator["maddrs"])
+
+    peers = swarm.start_peers([0, 1])
+    assert [p.ready["stage"] for p in peers] == [0, 1]
+    assert {p.ready["run_id"] for p in peers} == {manifest.run_id}
+
+    status = subprocess.run(
+        swarmnet_command("status", "--initial-peers", *swarm.initial_peers),
+        capture_output=True, text=True, timeout=60, env=swarm.env, check=True,
+    )
+    for peer in peers:
+        assert peer.ready["peer_id"][-12:] in status.stdout
+
+    trainer = swarm.start_trainer("--max-steps", "2")
+    summary = trainer.wait_event("summary", 90)
+    assert summary["steps"] == 2 and summary["dropped"] == 0
+    assert trainer.popen.wait(30) == 0
+
+
+def test_auto_stage_fills_the_empty_stage(swarm):
+    first = swarm.start_peer(1)
+    second = swarm.start_peer("auto")
+    assert first.ready["stage"] == 1
+    assert second.ready["stage"] == 0
+
+
+def test_forged_manifests_are_refused(swarm, manifest, tmp_path):
+    victim = swarm.coordinator.ready["peer_id"]
+    forge = subprocess.run(
+        [sys.executable, "-m", "swarmnet.testing.forge", "--initial-peers", *swarm.initial_peers, "--victim", victim],
+        capture_output=True, text=True, timeout=60, env=swarm.env, check=True,
+    )
+    result = json.loads(forge.stdout.strip().splitlines()[-1])
+    assert result["foreign_subkey_stored"] is False  # no DHT node accepts a signature for another's slot
+
+    profile = tmp_path / "peer.toml"
+    profile.write_text("manifest_timeout = 3.0\n")
+    # The hash-mismatched manifest is refused on verification: nobody can join the run it claims.
+    refused = swarm.spawn("peer-forged", "join", "--initial-peers", *swarm.initial_peers, "--stage", "0",
+                          "--run-id", result["claimed_run_id"], "--profile", str(profile))
+    assert refused.popen.wait(60) == 2
+    assert "no verified manifest" in refused.log_path.read_text()
+
+    # The genuine run is still found and served.
+    peer = swarm.start_peer(0)
+    assert peer.ready["run_id"] == manifest.run_id
