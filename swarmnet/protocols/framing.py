@@ -164,6 +164,20 @@ class FramedStream:
         tensor = torch.frombuffer(buffer, dtype=header.wire_dtype).reshape(header.shape)
         return tensor.to(DTYPES[header.dtype])
 
+    async def finish_refusal(self, *, timeout: float = 5.0, limit: int = 64 * 1024 * 1024) -> None:
+        """After an error reply to a request whose body we did not read: end our side, then discard
+        what the client still sends (bounded in time and bytes), so that closing the stream does
+        not reset it before the client has read our reply."""
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        discarded = 0
+        async with asyncio.timeout(timeout):
+            while discarded < limit:
+                data = await self.reader.read(CHUNK_BYTES)
+                if not data:
+                    return
+                discarded += len(data)
+
     async def close(self) -> None:
         self.writer.close()
         try:

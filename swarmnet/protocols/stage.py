@@ -13,6 +13,7 @@ server answers with a reply message and its tensors, or with a typed error frame
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -108,11 +109,13 @@ class StageServicer:
         except SwarmnetError as e:
             logger.debug("refused request from %s: %s", client, e)
             await _try(stream.send_error(e))
+            await _try(stream.finish_refusal())
         except (ConnectionError, asyncio.IncompleteReadError):
             logger.debug("client %s went away", client)
         except Exception as e:  # keep serving whatever one request did; log it with its traceback
             logger.exception("internal error serving %s", client)
             await _try(stream.send_error(e))
+            await _try(stream.finish_refusal())
         finally:
             await _try(stream.close())
 
@@ -164,10 +167,11 @@ class StageStub:
         )
         stream = await self._open()
         try:
-            await stream.send_message(request)
-            await stream.send_tensor(x, header)
-            if targets is not None:
-                await stream.send_tensor(targets, request.targets)
+            with _refusal_is_read_below():
+                await stream.send_message(request)
+                await stream.send_tensor(x, header)
+                if targets is not None:
+                    await stream.send_tensor(targets, request.targets)
             reply = await stream.receive_message(ForwardReply)
             output = await stream.receive_tensor(reply.output) if reply.output else None
             grad = await stream.receive_tensor(reply.grad_input) if reply.grad_input else None
@@ -188,8 +192,9 @@ class StageStub:
         )
         stream = await self._open()
         try:
-            await stream.send_message(request)
-            await stream.send_tensor(grad_output, header)
+            with _refusal_is_read_below():
+                await stream.send_message(request)
+                await stream.send_tensor(grad_output, header)
             reply = await stream.receive_message(BackwardReply)
             return await stream.receive_tensor(reply.grad_input) if reply.grad_input else None
         finally:
@@ -209,6 +214,16 @@ class StageStub:
         return FramedStream(reader, writer, peer=self.peer_id)
 
 
+@contextlib.contextmanager
+def _refusal_is_read_below():
+    """A server refuses a bad request from its header and closes the stream while we still send
+    tensor chunks: stop sending and read its typed error reply instead of failing on the write."""
+    try:
+        yield
+    except (ConnectionError, BrokenPipeError) as e:
+        logger.debug("server closed the stream while we were sending: %s", e)
+
+
 def _header(tensor: torch.Tensor | None, compression: str) -> TensorHeader | None:
     return header_for(tensor, compression) if tensor is not None else None
 
@@ -221,5 +236,5 @@ async def _send(stream: FramedStream, tensor: torch.Tensor | None, header: Tenso
 async def _try(coro) -> None:
     try:
         await coro
-    except (ConnectionError, OSError, ProtocolError, RuntimeError):
+    except (ConnectionError, OSError, ProtocolError, RuntimeError, TimeoutError):
         pass
