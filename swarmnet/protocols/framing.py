@@ -164,10 +164,10 @@ class FramedStream:
         tensor = torch.frombuffer(buffer, dtype=header.wire_dtype).reshape(header.shape)
         return tensor.to(DTYPES[header.dtype])
 
-    async def finish_refusal(self, *, timeout: float = 5.0, limit: int = 64 * 1024 * 1024) -> None:
-        """After an error reply to a request whose body we did not read: end our side, then discard
-        what the client still sends (bounded in time and bytes), so that closing the stream does
-        not reset it before the client has read our reply."""
+    async def finish(self, *, timeout: float = 5.0, limit: int = 64 * 1024 * 1024) -> None:
+        """Server side, after the last reply frame: end our side and wait until the client closes
+        its side, discarding whatever it still sends (bounded in time and bytes). Closing the
+        stream before that lets p2pd reset it, and a reset drops reply bytes still in flight."""
         if self.writer.can_write_eof():
             self.writer.write_eof()
         discarded = 0

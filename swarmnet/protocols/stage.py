@@ -109,14 +109,13 @@ class StageServicer:
         except SwarmnetError as e:
             logger.debug("refused request from %s: %s", client, e)
             await _try(stream.send_error(e))
-            await _try(stream.finish_refusal())
         except (ConnectionError, asyncio.IncompleteReadError):
             logger.debug("client %s went away", client)
         except Exception as e:  # keep serving whatever one request did; log it with its traceback
             logger.exception("internal error serving %s", client)
             await _try(stream.send_error(e))
-            await _try(stream.finish_refusal())
         finally:
+            await _try(stream.finish())
             await _try(stream.close())
 
     async def _serve(self, client: str, stream: FramedStream) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 
+from hivemind.utils import get_dht_time
+
 from swarmnet.config import RunManifest
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.stages import read_stage
@@ -39,11 +41,20 @@ class StageDirectory:
         return self._stubs[peer_id]
 
     async def _refresh(self, stage: int) -> None:
-        found = []
-        for info, record in await read_stage(self.dht, self.manifest.run_id, stage):
-            found.append(info)
+        """Merges fresh records with known ones; a peer is forgotten only when its record expires."""
+        now = get_dht_time()
+        known = {p.peer_id: p for p in self._peers.get(stage, []) if p.expires_at > now}
+        try:
+            found = await read_stage(self.dht, self.manifest.run_id, stage)
+        except Exception as e:  # a failed DHT read leaves the known peers in place
+            logger.warning("could not read stage %d from the DHT: %s", stage, e)
+            found = []
+        for info, record in found:
+            known[info.peer_id] = info
             stub = self._stubs.get(info.peer_id)
             if stub is None or stub.maddrs != record.maddrs:
                 self._stubs[info.peer_id] = StageStub(self.dht.p2p, info.peer_id, record.maddrs, compression=self.compression)
-        self._peers[stage] = found
+        if not found and known:
+            logger.info("stage %d: DHT returned no records; keeping %d known peers", stage, len(known))
+        self._peers[stage] = list(known.values())
         self._fetched_at[stage] = time.monotonic()

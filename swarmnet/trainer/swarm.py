@@ -89,7 +89,9 @@ class SwarmTrainer(StepRunner):
         last_error: BaseException | None = None
         for attempt in range(self.policy.max_attempts):
             peers = await self.directory.peers(stage, force=attempt > 0 and last_error is None)
-            peer = choose_peer(peers, banned=self.policy.banned(), rng=self.rng)
+            # Bans steer traffic away from a failing peer; they never starve a stage whose every
+            # peer is banned: then the call goes to one of them anyway (after the backoff).
+            peer = choose_peer(peers, banned=self.policy.banned(), rng=self.rng) or choose_peer(peers, rng=self.rng)
             if peer is not None:
                 try:
                     async with asyncio.timeout(self.policy.call_timeout):
