@@ -39,11 +39,11 @@ class ModelConfig:
     """Longest sequence the position embedding covers."""
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +101,7 @@ class TrainingConfig:
             raise ConfigError("training.num_stages must be >= 1")
         if self.microbatch_size < 1 or self.seq_len < 1:
             raise ConfigError("training.microbatch_size and training.seq_len must be positive")
-        if self.target_batch_size % self.microbatch_size:
+        if self.target_batch_size < 1 or self.target_batch_size % self.microbatch_size:
             raise ConfigError("training.target_batch_size must be a multiple of microbatch_size")
 
 
@@ -239,7 +239,7 @@ def _from_plain(cls: type, data: Mapping[str, Any], where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(map(repr, unknown))}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
@@ -260,8 +260,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list")
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+            raise ConfigError(f"{where}: expected a list of {len(typing.get_args(hint))} items")
         return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(hint), value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

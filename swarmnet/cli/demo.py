@@ -42,7 +42,10 @@ def main(args: argparse.Namespace) -> int:
         peers = swarm.start_peers([s for s in range(stages) for _ in range(args.peers_per_stage)])
         for peer in peers:
             ready = peer.ready
-            print(f"  peer stage {ready['stage']}  ready in {ready['startup_s']:.1f} s  metrics http://{ready['metrics']}/metrics")
+            print(
+                f"  peer stage {ready['stage']}  serving {ready['received_after_s']:.1f} s after launch"
+                f"  metrics http://{ready['metrics']}/metrics"
+            )
         trainer_args = ["--max-seconds", str(args.seconds)]
         if args.max_steps is not None:
             trainer_args += ["--max-steps", str(args.max_steps)]

@@ -17,6 +17,7 @@ import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from google.protobuf.message import DecodeError
 from hivemind.proto import crypto_pb2
 
 from swarmnet.errors import ConfigError
@@ -76,7 +77,10 @@ def public_key_from_peer_id(peer_id: str) -> ed25519.Ed25519PublicKey:
     if len(raw) < 2 or raw[0] != _IDENTITY_MULTIHASH or raw[1] != len(raw) - 2:
         raise ValueError("peer id does not embed its public key (not an Ed25519 identity)")
     key = crypto_pb2.PublicKey()
-    key.ParseFromString(raw[2:])
+    try:
+        key.ParseFromString(raw[2:])
+    except DecodeError as e:
+        raise ValueError("peer id does not embed a valid public key") from e
     if key.key_type != crypto_pb2.KeyType.Ed25519 or len(key.data) != 32:
         raise ValueError("peer id does not embed an Ed25519 public key")
     return ed25519.Ed25519PublicKey.from_public_bytes(key.data)

@@ -76,7 +76,7 @@ class ManifestRecord:
     def verified_manifest(self) -> RunManifest:
         try:
             manifest = RunManifest.from_dict(self.manifest)
-        except ConfigError as e:
+        except (ConfigError, TypeError, ValueError, ArithmeticError) as e:
             raise RecordError(f"manifest record does not parse: {e}") from e
         if manifest.run_id != self.run_id:
             raise RecordError(f"manifest content hashes to {manifest.run_id}, record claims {self.run_id}")

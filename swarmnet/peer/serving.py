@@ -105,13 +105,15 @@ class StageServing:
         self, client: str, request: BackwardRequest, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, int]:
         _check_finite(grad_output, "grad_output")
-        x = self.cache.pop((client, request.microbatch_id))
+        key = (client, request.microbatch_id)
+        x = self.cache.get(key)
         if x is None:
             raise UnknownMicrobatchError(f"no cached input for microbatch {request.microbatch_id!r}")
         if len(x) != len(grad_output):
             raise BadRequestError("grad_output batch size differs from the forward's input")
         start = time.perf_counter()
         result = await self.executor.run(self.computer.backward, x, grad_output)
+        self.cache.pop(key)  # only now: a busy peer keeps the input for the retry
         self._observe("backward", len(x), start, stepped=result.stepped)
         return result.grad_input, self.computer.step
 

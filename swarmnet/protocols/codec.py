@@ -40,7 +40,7 @@ def from_body(cls: type, body: Any, error: type[Exception]) -> Any:
         if n not in body and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
     if unknown or missing:
-        raise error(f"{name}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+        raise error(f"{name}: unknown fields {sorted(map(repr, unknown))}, missing fields {sorted(missing)}")
     kwargs = {}
     for key, value in body.items():
         kwargs[key] = _check(hints[key], value, f"{name}.{key}", error)

@@ -29,6 +29,8 @@ MESSAGE, CHUNK, ERROR = 1, 2, 3
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
+MAX_TENSOR_BYTES = 1 << 31
+"""Absolute ceiling of one tensor; receivers also pass their own, usually far smaller, bound."""
 _HEADER = 5
 
 DTYPES: dict[str, torch.dtype] = {
@@ -66,6 +68,8 @@ class TensorHeader:
             raise ProtocolError("fp16 compression applies to floating-point tensors only")
         if len(self.shape) > 8 or any(d < 0 for d in self.shape):
             raise ProtocolError(f"invalid tensor shape {self.shape}")
+        if self.nbytes > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"tensor of {self.nbytes} bytes exceeds {MAX_TENSOR_BYTES}")
 
 
 def header_for(tensor: torch.Tensor, compression: str = "none") -> TensorHeader:
@@ -144,9 +148,11 @@ class FramedStream:
                 return from_body(cls, body, ProtocolError)
         raise ProtocolError(f"unexpected message {name!r}, expected {[c.__name__ for c in expected]}")
 
-    async def receive_tensor(self, header: TensorHeader) -> torch.Tensor:
+    async def receive_tensor(self, header: TensorHeader, max_bytes: int = MAX_TENSOR_BYTES) -> torch.Tensor:
         """Reads the chunks of a tensor whose header the caller has already validated."""
         header.check()
+        if header.nbytes > max_bytes:
+            raise ProtocolError(f"tensor of {header.nbytes} bytes exceeds the expected {max_bytes}")
         buffer = bytearray(header.nbytes)
         received = 0
         while received < len(buffer):

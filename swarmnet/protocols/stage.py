@@ -23,7 +23,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.errors import PeerUnavailableError, ProtocolError, SwarmnetError
-from swarmnet.protocols.framing import FramedStream, TensorHeader, header_for
+from swarmnet.protocols.framing import MAX_TENSOR_BYTES, FramedStream, TensorHeader, header_for
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,11 @@ class StageServicer:
 class StageStub:
     """Client side of the stage protocol for one remote peer."""
 
-    def __init__(self, p2p: P2P, peer_id: str, maddrs: list[str], *, compression: str = "none"):
+    def __init__(
+        self, p2p: P2P, peer_id: str, maddrs: list[str], *, compression: str = "none", max_reply_bytes: int = MAX_TENSOR_BYTES
+    ):
         self.p2p = p2p
+        self.max_reply_bytes = max_reply_bytes
         self.peer_id = peer_id
         self.maddrs = maddrs
         self.compression = compression
@@ -172,8 +175,8 @@ class StageStub:
                 if targets is not None:
                     await stream.send_tensor(targets, request.targets)
             reply = await stream.receive_message(ForwardReply)
-            output = await stream.receive_tensor(reply.output) if reply.output else None
-            grad = await stream.receive_tensor(reply.grad_input) if reply.grad_input else None
+            output = await stream.receive_tensor(reply.output, self.max_reply_bytes) if reply.output else None
+            grad = await stream.receive_tensor(reply.grad_input, self.max_reply_bytes) if reply.grad_input else None
             return ForwardResult(output=output, grad_input=grad, loss=reply.loss, step=reply.step)
         finally:
             await stream.close()
@@ -195,7 +198,7 @@ class StageStub:
                 await stream.send_message(request)
                 await stream.send_tensor(grad_output, header)
             reply = await stream.receive_message(BackwardReply)
-            return await stream.receive_tensor(reply.grad_input) if reply.grad_input else None
+            return await stream.receive_tensor(reply.grad_input, self.max_reply_bytes) if reply.grad_input else None
         finally:
             await stream.close()
 

@@ -43,6 +43,7 @@ class ManagedProcess:
             start_new_session=True,
         )
         self.pid = self.popen.pid
+        self.started_at = time.monotonic()
         self.events: list[Event] = []
         self.output: collections.deque[str] = collections.deque(maxlen=200)
         self._changed = threading.Condition()
@@ -56,6 +57,7 @@ class ManagedProcess:
             event = events.parse(line)
             with self._changed:
                 if event is not None:
+                    event["received_after_s"] = round(time.monotonic() - self.started_at, 3)
                     self.events.append(event)
                 else:
                     self.output.append(line)

@@ -29,6 +29,9 @@ class StageDirectory:
         self._stubs: dict[str, StageStub] = {}
         self._fetched_at: dict[int, float] = {}
         self._locks = {s: asyncio.Lock() for s in range(manifest.training.num_stages)}
+        training, model = manifest.training, manifest.model
+        # Replies are activations or their gradients: never larger than one float32 microbatch.
+        self._max_reply_bytes = training.microbatch_size * training.seq_len * max(model.d_model, model.vocab_size) * 4
 
     async def peers(self, stage: int, *, force: bool = False) -> list[PeerInfo]:
         async with self._locks[stage]:
@@ -53,7 +56,13 @@ class StageDirectory:
             known[info.peer_id] = info
             stub = self._stubs.get(info.peer_id)
             if stub is None or stub.maddrs != record.maddrs:
-                self._stubs[info.peer_id] = StageStub(self.dht.p2p, info.peer_id, record.maddrs, compression=self.compression)
+                self._stubs[info.peer_id] = StageStub(
+                    self.dht.p2p,
+                    info.peer_id,
+                    record.maddrs,
+                    compression=self.compression,
+                    max_reply_bytes=self._max_reply_bytes,
+                )
         if not found and known:
             logger.info("stage %d: DHT returned no records; keeping %d known peers", stage, len(known))
         self._peers[stage] = list(known.values())
