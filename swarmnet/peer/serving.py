@@ -130,7 +130,7 @@ class StageServing:
         metrics.STAGE_SAMPLES.labels(kind=kind).inc(samples)
         if stepped:
             metrics.OPTIMIZER_STEPS.inc()
-            logger.info("stage %d took optimizer step %d", self.stage, self.computer.step)
+            logger.debug("stage %d took optimizer step %d", self.stage, self.computer.step)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import torch
 
-from swarmnet.errors import ProtocolError, SwarmnetError, error_from_code
+from swarmnet.errors import PeerUnavailableError, ProtocolError, SwarmnetError, error_from_code
 from swarmnet.protocols.codec import from_body, to_body
 
 MESSAGE, CHUNK, ERROR = 1, 2, 3
@@ -121,6 +121,8 @@ class FramedStream:
             head = await self.reader.readexactly(_HEADER)
         except asyncio.IncompleteReadError as e:
             raise ProtocolError("stream closed before a frame arrived") from e
+        except ConnectionError as e:
+            raise PeerUnavailableError(f"connection lost: {e}", peer=self.peer) from e
         kind, length = head[0], int.from_bytes(head[1:], "big")
         limit = MAX_FRAME_BYTES if kind == CHUNK else MAX_MESSAGE_BYTES
         if kind not in (MESSAGE, CHUNK, ERROR):
@@ -131,6 +133,8 @@ class FramedStream:
             return kind, await self.reader.readexactly(length)
         except asyncio.IncompleteReadError as e:
             raise ProtocolError("stream closed inside a frame") from e
+        except ConnectionError as e:
+            raise PeerUnavailableError(f"connection lost: {e}", peer=self.peer) from e
 
     async def receive_message(self, *expected: type) -> Any:
         """Reads one message of one of the `expected` types; raises the typed error on an ERROR frame."""
@@ -171,11 +175,10 @@ class FramedStream:
         return tensor.to(DTYPES[header.dtype])
 
     async def finish(self, *, timeout: float = 5.0, limit: int = 64 * 1024 * 1024) -> None:
-        """Server side, after the last reply frame: end our side and wait until the client closes
-        its side, discarding whatever it still sends (bounded in time and bytes). Closing the
-        stream before that lets p2pd reset it, and a reset drops reply bytes still in flight."""
-        if self.writer.can_write_eof():
-            self.writer.write_eof()
+        """Server side, after the last reply frame: wait until the client closes the stream,
+        discarding whatever it still sends (bounded in time and bytes). Closing first, or
+        half-closing (p2pd turns a half-close into a full close of the libp2p stream), lets the
+        stream be reset while the client is still writing, and a reset drops our reply."""
         discarded = 0
         async with asyncio.timeout(timeout):
             while discarded < limit:
