@@ -106,6 +106,32 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AveragingConfig:
+    """How the peers of one stage stay identical."""
+
+    mode: str = "gradient"
+    """`gradient`: all-reduce the gradients of every `target_batch_size` samples and take the same
+    optimizer step (exact data parallelism). `diloco`: each peer steps locally, and every
+    `outer_every` batches the stage averages parameters and takes an outer step (low communication)."""
+    outer_every: int = 8
+    """diloco: stage-wide batches of `target_batch_size` samples between parameter averages."""
+    outer_lr: float = 0.7
+    """diloco: learning rate of the outer Nesterov-SGD step on the averaged parameter change."""
+    outer_momentum: float = 0.9
+    """diloco: momentum of the outer step."""
+    round_timeout: float = 30.0
+    """Seconds an all-reduce round may take before every member drops it."""
+    join_grace: float = 5.0
+    """Seconds a ready stage waits for a joining or lagging stage-mate before stepping without it."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("gradient", "diloco"):
+            raise ConfigError(f"averaging.mode must be 'gradient' or 'diloco', not {self.mode!r}")
+        if self.outer_every < 1 or self.round_timeout <= 0 or self.join_grace < 0:
+            raise ConfigError("averaging.outer_every >= 1, round_timeout > 0 and join_grace >= 0 are required")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunManifest:
     """Everything the processes of one run agree on. Its content hash is the run id."""
 
@@ -115,6 +141,7 @@ class RunManifest:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
 
     def __post_init__(self) -> None:
         if self.training.seq_len > self.model.max_seq_len:
@@ -166,6 +193,15 @@ class PeerConfig:
     """torch intra-op threads used by the compute executor."""
     manifest_timeout: float = 30.0
     """Seconds to wait for a verified run manifest to appear in the DHT."""
+    averaging_port: int = 0
+    """TCP port of the all-reduce data plane (same host); 0 picks a free one."""
+    progress_period: float = 0.25
+    """Seconds between checks of the stage's progress (when to average and step)."""
+    rebalance_period: float | None = 30.0
+    """Mean seconds between rebalancing checks (randomized); 0 disables moving."""
+    rebalance_margin: float = 0.1
+    """Move to the bottleneck stage only if both the stage left and the stage joined end at least
+    this fraction above the current bottleneck's throughput (see `pipeline.rebalance`)."""
 
 
 @dataclass(frozen=True, kw_only=True)

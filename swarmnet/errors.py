@@ -86,6 +86,20 @@ class PeerUnavailableError(RemoteError):
     retryable = True
 
 
+class StateSyncError(SwarmnetError):
+    """A stage's state could not be downloaded or verified; retry, possibly from other peers."""
+
+    code = "state_sync"
+    retryable = True
+
+
+class UnknownStateError(RemoteError):
+    """The peer no longer holds the state snapshot asked for (it has stepped since)."""
+
+    code = "unknown_state"
+    retryable = True
+
+
 class SwarmError(SwarmnetError):
     """The swarm could not serve a request after every permitted retry."""
 
@@ -101,6 +115,8 @@ _BY_CODE = {
         PeerBusyError,
         PeerUnavailableError,
         ProtocolError,
+        UnknownStateError,
+        StateSyncError,
     )
 }
 

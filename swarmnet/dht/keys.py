@@ -17,6 +17,11 @@ def stage_key(run_id: str, stage: int) -> str:
     return f"{PREFIX}{run_id}/stage/{stage}"
 
 
+def progress_key(run_id: str, stage: int) -> str:
+    """Progress of one stage's current step: subkey = peer id → `ProgressRecord`."""
+    return f"{PREFIX}{run_id}/stage/{stage}/progress"
+
+
 def trainer_key(run_id: str) -> str:
     """Trainers of a run: subkey = peer id → `TrainerRecord`."""
     return f"{PREFIX}{run_id}/trainers"
@@ -31,6 +36,8 @@ def record_kind_for_key(key: str) -> str | None:
     parts = key[len(PREFIX) :].split("/")
     if len(parts) == 3 and parts[1] == "stage" and parts[2].isdigit():
         return "stage_server"
+    if len(parts) == 4 and parts[1] == "stage" and parts[2].isdigit() and parts[3] == "progress":
+        return "progress"
     if len(parts) == 2 and parts[1] == "trainers":
         return "trainer"
     return "unknown"

@@ -49,6 +49,27 @@ class StageServerRecord:
     """host:port of the peer's Prometheus endpoint, if it runs one."""
     maddrs: list[str]
     """Multiaddrs where the peer can be reached."""
+    averaging_addr: str | None = None
+    """host:port of the peer's all-reduce data plane."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressRecord:
+    """Where one peer stands in its stage's current collaborative step."""
+
+    KIND: ClassVar[str] = "progress"
+    VERSION: ClassVar[int] = 1
+
+    epoch: int
+    """The step the peer's parameters are at (the next step it will take is `epoch + 1`)."""
+    samples: int
+    """Samples accumulated towards the next step (diloco: since the last outer step)."""
+    joining: bool
+    """True while the peer is still downloading the stage's state."""
+    left: bool
+    """True once the peer has stopped serving this stage (shut down or moved)."""
+    digest: str
+    """sha256 of the peer's parameters at `epoch` (equal digests: identical replicas)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +104,9 @@ class ManifestRecord:
         return manifest
 
 
-RECORD_TYPES: dict[str, type] = {cls.KIND: cls for cls in (StageServerRecord, TrainerRecord, ManifestRecord)}
+RECORD_TYPES: dict[str, type] = {
+    cls.KIND: cls for cls in (StageServerRecord, ProgressRecord, TrainerRecord, ManifestRecord)
+}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ mean over its `target_batch_size` samples wherever the microbatches were compute
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -48,7 +49,12 @@ class StageComputer:
         self.target_batch_size = target_batch_size
         self.optimizer = make_optimizer(self.module.parameters(), optimizer)
         self.accumulated_samples = 0
+        self.samples_seen = 0
+        """Samples back-propagated by this computer since it was built (never reset)."""
         self.step = 0
+        self.auto_step = True
+        """Step as soon as this computer alone has `target_batch_size` samples (a stage served by
+        one peer). Stage swarms turn it off and step through `apply_gradient_sum` after averaging."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stage output for `x`, without keeping any autograd state."""
@@ -82,7 +88,8 @@ class StageComputer:
     def _finish(self, x: torch.Tensor, samples: int, loss: float | None) -> BackwardResult:
         grad_input = x.grad.cpu() if x.is_floating_point() and x.grad is not None else None
         self.accumulated_samples += samples
-        stepped = self.accumulated_samples >= self.target_batch_size
+        self.samples_seen += samples
+        stepped = self.auto_step and self.accumulated_samples >= self.target_batch_size
         if stepped:
             self._apply_step()
         return BackwardResult(grad_input=grad_input, stepped=stepped, loss=loss)
@@ -97,6 +104,48 @@ class StageComputer:
         self.accumulated_samples = 0
         self.step += 1
 
+    # --- collaborative steps (called on the compute thread) -------------------------------------
+
+    def freeze_gradients(self) -> tuple[torch.Tensor, int]:
+        """Takes the accumulated gradient sums out as one flat tensor, with their sample count;
+        later backwards accumulate afresh (for the next step) while the frozen ones are averaged."""
+        params = list(self.module.parameters())
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float().cpu() for p in params
+        ])
+        samples = self.accumulated_samples
+        for p in params:
+            p.grad = None
+        self.accumulated_samples = 0
+        return flat, samples
+
+    def unfreeze_gradients(self, flat: torch.Tensor, samples: int) -> None:
+        """Puts frozen gradients back (a round that failed): nothing computed is lost."""
+        for p, part in zip(self.module.parameters(), _split(flat, self.module.parameters())):
+            part = part.to(p.device, p.dtype).view_as(p)
+            p.grad = part.clone() if p.grad is None else p.grad.add_(part)
+        self.accumulated_samples += samples
+
+    def apply_gradient_sum(self, flat_sum: torch.Tensor, total_samples: int) -> None:
+        """One optimizer step with the stage-wide mean gradient `flat_sum / total_samples`; the
+        gradients accumulated meanwhile for the next step are kept aside and restored."""
+        params = list(self.module.parameters())
+        pending = [p.grad for p in params]
+        scale = 1.0 / max(total_samples, 1)
+        for p, part in zip(params, _split(flat_sum, params)):
+            p.grad = part.to(p.device, p.dtype).view_as(p).mul(scale)
+        self.optimizer.step()
+        for p, grad in zip(params, pending):
+            p.grad = grad
+        self.step += 1
+
+    def parameter_digest(self) -> str:
+        """sha256 of every parameter's bytes, in order: equal digests mean identical replicas."""
+        digest = hashlib.sha256()
+        for p in self.module.parameters():
+            digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     @property
     def memory_bytes(self) -> int:
         """Parameters, gradients and optimizer state, in bytes."""
@@ -108,6 +157,11 @@ class StageComputer:
             if isinstance(t, torch.Tensor)
         )
         return 2 * params + state
+
+
+def _split(flat: torch.Tensor, params) -> list[torch.Tensor]:
+    sizes = [p.numel() for p in params]
+    return list(torch.split(flat, sizes))
 
 
 def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:

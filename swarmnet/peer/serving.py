@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
 from swarmnet.config import PeerConfig, RunManifest
-from swarmnet.errors import BadRequestError, UnknownMicrobatchError, UnknownRunError
+from swarmnet.errors import BadRequestError, PeerUnavailableError, UnknownMicrobatchError, UnknownRunError
 from swarmnet.models.partition import TensorSpec, stage_input_spec, stage_output_spec, target_spec
 from swarmnet.peer.cache import ExpiringCache
 from swarmnet.peer.compute import StageComputer
@@ -51,6 +52,8 @@ class StageServing:
         self.input_spec = stage_input_spec(manifest, stage)
         self.output_spec = stage_output_spec(manifest, stage)
         self.target_spec = target_spec(manifest)
+        self.on_backward: Callable[[], None] | None = None
+        """Called (on the event loop) after every backward: the stage's averaging checks progress."""
 
     @property
     def queue_depth(self) -> int:
@@ -62,7 +65,9 @@ class StageServing:
         if run_id != self.run_id:
             raise UnknownRunError(f"this peer serves run {self.run_id}, not {run_id!r}")
         if stage != self.stage:
-            raise BadRequestError(f"this peer serves stage {self.stage}, not {stage}")
+            # Not the caller's fault: a peer that moved to another stage still has a live record
+            # under the old stage for a few seconds. Retryable on another peer.
+            raise PeerUnavailableError(f"this peer serves stage {self.stage}, not {stage}")
         if not microbatch_id or len(microbatch_id) > MAX_MICROBATCH_ID:
             raise BadRequestError("microbatch id must be 1..128 characters")
         if compression not in COMPRESSIONS:
@@ -95,6 +100,7 @@ class StageServing:
             _check_tokens(targets, self.manifest.model.vocab_size, "targets")
             result = await self.executor.run(self.computer.loss_backward, x, targets)
             self._observe("loss_backward", len(x), start, stepped=result.stepped)
+            self._backward_done()
             return ForwardResult(output=None, grad_input=result.grad_input, loss=result.loss, step=self.computer.step)
         output = await self.executor.run(self.computer.forward, x)
         self._observe("forward", len(x), start, stepped=False)
@@ -115,7 +121,12 @@ class StageServing:
         result = await self.executor.run(self.computer.backward, x, grad_output)
         self.cache.pop(key)  # only now: a busy peer keeps the input for the retry
         self._observe("backward", len(x), start, stepped=result.stepped)
+        self._backward_done()
         return result.grad_input, self.computer.step
+
+    def _backward_done(self) -> None:
+        if self.on_backward is not None:
+            self.on_backward()
 
     def _check_values(self, x: torch.Tensor, what: str) -> None:
         if x.dtype == torch.int64:

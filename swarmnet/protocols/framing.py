@@ -140,7 +140,7 @@ class FramedStream:
         """Reads one message of one of the `expected` types; raises the typed error on an ERROR frame."""
         kind, payload = await self._read_frame()
         if kind == ERROR:
-            raise _decode_error(payload, self.peer)
+            raise decode_error(payload, self.peer)
         if kind != MESSAGE:
             raise ProtocolError("expected a message frame")
         try:
@@ -162,7 +162,7 @@ class FramedStream:
         while received < len(buffer):
             kind, payload = await self._read_frame()
             if kind == ERROR:
-                raise _decode_error(payload, self.peer)
+                raise decode_error(payload, self.peer)
             if kind != CHUNK:
                 raise ProtocolError("expected a tensor chunk")
             if received + len(payload) > len(buffer):
@@ -195,7 +195,7 @@ class FramedStream:
             pass
 
 
-def _decode_error(payload: bytes, peer: str | None) -> SwarmnetError:
+def decode_error(payload: bytes, peer: str | None) -> SwarmnetError:
     try:
         code, message = msgpack.unpackb(payload, raw=False)
         return error_from_code(str(code), str(message), peer)

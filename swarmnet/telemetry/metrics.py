@@ -19,6 +19,14 @@ STAGE_SAMPLES = Counter("swarmnet_stage_samples_total", "Samples computed by thi
 OPTIMIZER_STEPS = Counter("swarmnet_optimizer_steps_total", "Optimizer steps taken by this peer")
 QUEUE_DEPTH = Gauge("swarmnet_stage_queue_depth", "Requests waiting for this peer's compute thread")
 THROUGHPUT = Gauge("swarmnet_stage_throughput_samples_per_second", "Measured throughput of this peer")
+AVERAGING_ROUNDS = Counter("swarmnet_averaging_rounds_total", "All-reduce rounds of this peer's stage", ["outcome"])
+AVERAGING_SECONDS = Histogram(
+    "swarmnet_averaging_round_seconds", "Duration of successful all-reduce rounds",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STATE_SYNC_SECONDS = Histogram(
+    "swarmnet_state_sync_seconds", "Time to download and load a stage's state", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+)
 TRAINER_LOSS = Gauge("swarmnet_trainer_loss", "Mean training loss of the last step")
 TRAINER_SAMPLES = Counter("swarmnet_trainer_samples_total", "Samples completed by this trainer")
 TRAINER_DROPPED = Counter("swarmnet_trainer_microbatches_dropped_total", "Microbatches given up after retries")

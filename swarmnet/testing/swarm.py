@@ -37,9 +37,11 @@ class LocalSwarm:
             raise RuntimeError("the coordinator is not running")
         return list(self.coordinator.ready["maddrs"])
 
-    def spawn(self, name: str, *args: str) -> ManagedProcess:
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> ManagedProcess:
         self._count += 1
-        process = ManagedProcess(f"{self._count:02d}-{name}", swarmnet_command(*args), log_dir=self.workdir, env=self.env)
+        process = ManagedProcess(
+            f"{self._count:02d}-{name}", swarmnet_command(*args), log_dir=self.workdir, env={**self.env, **(env or {})}
+        )
         self.processes.append(process)
         return process
 
@@ -51,8 +53,12 @@ class LocalSwarm:
             self.coordinator.wait_event("ready", STARTUP_TIMEOUT)
         return self.coordinator
 
-    def start_peer(self, stage: int | str = "auto", *extra: str, wait: bool = True) -> ManagedProcess:
-        peer = self.spawn(f"peer-s{stage}", "join", "--initial-peers", *self.initial_peers, "--stage", str(stage), *extra)
+    def start_peer(
+        self, stage: int | str = "auto", *extra: str, wait: bool = True, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        peer = self.spawn(
+            f"peer-s{stage}", "join", "--initial-peers", *self.initial_peers, "--stage", str(stage), *extra, env=env
+        )
         if wait:
             peer.wait_event("ready", STARTUP_TIMEOUT)
         return peer
@@ -60,9 +66,9 @@ class LocalSwarm:
     def start_trainer(self, *extra: str) -> ManagedProcess:
         return self.spawn("trainer", "train", "--initial-peers", *self.initial_peers, *extra)
 
-    def start_peers(self, stages: list[int | str]) -> list[ManagedProcess]:
+    def start_peers(self, stages: list[int | str], *extra: str) -> list[ManagedProcess]:
         """Starts several peers at once, then waits until each is serving."""
-        peers = [self.start_peer(s, wait=False) for s in stages]
+        peers = [self.start_peer(s, *extra, wait=False) for s in stages]
         for peer in peers:
             peer.wait_event("ready", STARTUP_TIMEOUT)
         return peers

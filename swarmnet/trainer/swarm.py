@@ -16,7 +16,6 @@ import asyncio
 import logging
 import random
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 

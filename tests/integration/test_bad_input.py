@@ -13,7 +13,13 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.dht.identity import Identity
 from swarmnet.dht.node import SwarmDHT
-from swarmnet.errors import BadRequestError, ProtocolError, UnknownMicrobatchError, UnknownRunError
+from swarmnet.errors import (
+    BadRequestError,
+    PeerUnavailableError,
+    ProtocolError,
+    UnknownMicrobatchError,
+    UnknownRunError,
+)
 from swarmnet.protocols import stage as proto
 from swarmnet.protocols.framing import CHUNK, MAX_FRAME_BYTES, FramedStream, TensorHeader
 from swarmnet.protocols.stage import StageStub
@@ -51,7 +57,7 @@ async def _attack(ready: dict, manifest) -> None:
 
             # Unknown run, wrong stage, wrong dtype and shape, NaN/Inf, out-of-range targets.
             await expect(UnknownRunError, stub.forward("0" * 16, "mb", 1, good_x, good_targets))
-            await expect(BadRequestError, stub.forward(run_id, "mb", 0, good_x, good_targets))
+            await expect(PeerUnavailableError, stub.forward(run_id, "mb", 0, good_x, good_targets))  # not this stage
             await expect(BadRequestError, stub.forward(run_id, "mb", 1, good_x.double().float().half(), good_targets))
             await expect(BadRequestError, stub.forward(run_id, "mb", 1, torch.randn(B, T, D + 1), good_targets))
             await expect(BadRequestError, stub.forward(run_id, "mb", 1, torch.randn(B + 1, T, D), good_targets))

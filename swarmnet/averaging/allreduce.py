@@ -1,0 +1,569 @@
+"""All-reduce data plane: peers of one stage sum flat float32 tensors and weights, or all fail.
+
+Butterfly all-reduce over direct TCP between the members of a group (`members`, same order on
+every member). Member `i` owns part `i` of the tensor (`part_bounds(numel, n)`).
+
+Every member opens one connection to every other member and speaks on it, in this order:
+
+1. `Hello{round_id, group, sender, numel, weight}`; the receiver answers `Welcome` or refuses
+   with an error frame (unknown/closed round, other member list, wrong index, duplicate, size);
+2. its contribution to the receiver's part (raw float32 bytes, size implied by `numel`);
+3. the reduced part it owns, once it has summed everyone's contributions in member order;
+4. `Done{round_id, checksum}`: a sha256 over the whole reduced tensor and the total weight.
+
+A member returns only after every other member reported the checksum it computed itself, so a
+returned result is complete and identical everywhere. Anything else (a refusal, a lost connection,
+a mismatch, the `timeout`) raises `AveragingError` and closes every connection of the round,
+which makes the other members fail too instead of waiting. Only the final `Done` exchange can
+disagree: a member that loses a link after everyone else verified raises, holding the same result.
+
+Messages use the frame layout of `swarmnet.protocols.framing`; bulk data is unframed and read
+straight into preallocated tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import queue
+import socket
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from swarmnet.averaging.partition import part_bounds
+from swarmnet.errors import ProtocolError, SwarmnetError
+from swarmnet.protocols.codec import from_body, to_body
+from swarmnet.protocols.framing import ERROR, MAX_MESSAGE_BYTES, MESSAGE
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+PENDING_TIMEOUT = 10.0
+"""How long the server holds a connection for a round that is not open yet."""
+HELLO_TIMEOUT = 10.0
+MAX_PENDING = 256
+"""Connections waiting for their hello or round; more are closed at once."""
+CLOSED_ROUNDS_REMEMBERED = 4096
+CHUNK_ELEMENTS = 1 << 20
+"""Contributions are received and summed in chunks of this many elements (4 MiB), so summing
+overlaps receiving and the buffers stay small."""
+SLOTS_PER_SENDER = 2
+HASH_BYTES = 1 << 20
+STOP_POLL = 0.05
+"""How often a worker thread waiting for another one checks whether the round has failed."""
+DIGEST = hashlib.sha256
+_HEADER = 5
+
+
+class AveragingError(SwarmnetError):
+    """An all-reduce round failed; every member discards it. Retry with a new round."""
+
+    code = "averaging"
+    retryable = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    """One member of a group, where its `AllReduceServer` listens."""
+
+    peer_id: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello:
+    round_id: str
+    group: str
+    """Digest of the member list: members that disagree on the group refuse each other."""
+    sender: int
+    numel: int
+    weight: float
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class Welcome:
+    round_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done:
+    round_id: str
+    checksum: str
+
+
+def group_digest(members: Sequence[Member]) -> str:
+    packed = msgpack.packb([[m.peer_id, m.host, m.port] for m in members], use_bin_type=True)
+    return hashlib.sha256(packed).hexdigest()
+
+
+# --- raw socket I/O ----------------------------------------------------------------------------
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (writable unless the tensor is not)."""
+    return memoryview(tensor.numpy()).cast("B")
+
+
+async def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    loop = asyncio.get_running_loop()
+    received, size = 0, len(view)
+    while received < size:
+        count = await loop.sock_recv_into(sock, view[received:])
+        if not count:
+            raise ConnectionError("connection closed by the other member")
+        received += count
+
+
+async def _send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+    if len(data):
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return bytes([kind]) + len(payload).to_bytes(4, "big") + payload
+
+
+async def _send_message(sock: socket.socket, message: Any) -> None:
+    payload = msgpack.packb([type(message).__name__, to_body(message)], use_bin_type=True)
+    await _send_all(sock, _frame(MESSAGE, payload))
+
+
+async def _send_refusal(sock: socket.socket, reason: str) -> None:
+    await _send_all(sock, _frame(ERROR, msgpack.packb([AveragingError.code, reason[:1000]])))
+
+
+async def _recv_message(sock: socket.socket, cls: type) -> Any:
+    head = bytearray(_HEADER)
+    await _recv_exactly(sock, memoryview(head))
+    kind, length = head[0], int.from_bytes(head[1:], "big")
+    if kind not in (MESSAGE, ERROR) or length > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"unexpected frame (type {kind}, {length} bytes)")
+    payload = bytearray(length)
+    await _recv_exactly(sock, memoryview(payload))
+    try:
+        first, second = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"malformed frame: {e}") from e
+    if kind == ERROR:
+        raise AveragingError(f"refused: {second}")
+    if first != cls.__name__:
+        raise ProtocolError(f"expected {cls.__name__}, got {first!r}")
+    return from_body(cls, second, ProtocolError)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Stopped(Exception):
+    """A worker thread noticed that its round is over (another part of it failed)."""
+
+
+# --- one round ---------------------------------------------------------------------------------
+
+
+class _Round:
+    """The state of one all-reduce round on one member; `run()` drives it to the end.
+
+    Messages go through the event loop. The bulk data moves in worker threads over blocking
+    sockets, one job per link and direction plus one for the sum, coordinated by thread-safe
+    queues and events; `stop` ends every job when the round fails.
+    """
+
+    def __init__(self, round_id: str, members: tuple[Member, ...], my_index: int, flat: torch.Tensor, weight: float):
+        loop = asyncio.get_running_loop()
+        self.round_id, self.members, self.me, self.flat = round_id, members, my_index, flat
+        self.n = len(members)
+        self.group = group_digest(members)
+        self.bounds = part_bounds(flat.numel(), self.n)
+        start, end = self.bounds[my_index]
+        self.chunks = [(c, min(c + CHUNK_ELEMENTS, end - start)) for c in range(0, end - start, CHUNK_ELEMENTS)]
+        self.out = torch.empty_like(flat)
+        self.others = [j for j in range(self.n) if j != my_index]
+        self.weights: list[float | None] = [None] * self.n
+        self.weights[my_index] = weight
+        self.total_weight = 0.0
+        self.incoming = {j: loop.create_future() for j in self.others}
+        self.digests: list[bytes | None] = [None] * self.n
+        self.has_digest = [asyncio.Event() for _ in range(self.n)]
+        self.checksum = ""
+        self.has_checksum = asyncio.Event()
+        self.abort_reason: asyncio.Future[str] = loop.create_future()
+        self.sockets: list[socket.socket] = []
+        self.finished = False
+        # shared with the worker threads
+        self.filled: dict[int, queue.SimpleQueue[torch.Tensor]] = {j: queue.SimpleQueue() for j in self.others}
+        self.free: dict[int, queue.SimpleQueue[torch.Tensor]] = {j: queue.SimpleQueue() for j in self.others}
+        self.reduced = threading.Event()
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=2 * self.n, thread_name_prefix="swarmnet-allreduce")
+
+    def admit(self, hello: Hello, conn: socket.socket) -> str | None:
+        """Takes an incoming connection for this round, or returns why it is refused."""
+        if self.finished:
+            return "round closed"
+        if hello.version != PROTOCOL_VERSION:
+            return f"unsupported protocol version {hello.version}"
+        if hello.group != self.group:
+            return "member list differs"
+        if hello.sender not in self.incoming:
+            return f"invalid sender index {hello.sender}"
+        if hello.numel != self.flat.numel():
+            return f"tensor of {hello.numel} elements, expected {self.flat.numel()}"
+        if self.incoming[hello.sender].done():
+            return f"duplicate connection from member {hello.sender}"
+        self.sockets.append(conn)
+        self.incoming[hello.sender].set_result((conn, hello))
+        return None
+
+    def abort(self, reason: str) -> None:
+        if not self.abort_reason.done():
+            self.abort_reason.set_result(reason)
+
+    def close(self) -> None:
+        """After `run()` ended: every thread job was awaited, so this only releases resources."""
+        self.finished = True
+        self.stop.set()
+        for future in self.incoming.values():
+            future.cancel()
+        for sock in self.sockets:
+            sock.close()
+        self.pool.shutdown(wait=True)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(self._watch())
+            work = [tg.create_task(self._reduce()), tg.create_task(self._seal())]
+            for j in self.others:
+                work.append(tg.create_task(self._link(j, self._send, "sending to")))
+                work.append(tg.create_task(self._link(j, self._receive, "receiving from")))
+            await asyncio.wait(work)
+            watcher.cancel()
+
+    async def _watch(self) -> None:
+        raise AveragingError(await self.abort_reason)
+
+    async def _link(self, j: int, work, what: str) -> None:
+        try:
+            await work(j)
+        except (OSError, EOFError, ProtocolError) as e:
+            peer = self.members[j]
+            raise AveragingError(f"{what} member {j} ({peer.peer_id} at {peer.host}:{peer.port}): {e!r}") from e
+
+    async def _in_thread(self, fn, sock: socket.socket | None = None) -> Any:
+        """Runs `fn()` in this round's pool (over `sock` made blocking). Cancelled, it stops the
+        round's threads, shuts `sock` down (ending a blocked send or receive) and waits for the
+        thread, so that no job outlives the round."""
+        if sock is not None:
+            sock.setblocking(True)
+        future = asyncio.get_running_loop().run_in_executor(self.pool, fn)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.stop.set()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # retrieved: the cancellation is what propagates
+            raise
+        except _Stopped as e:
+            raise AveragingError("the round was stopped") from e
+        finally:
+            if sock is not None and future.done() and sock.fileno() != -1:
+                sock.setblocking(False)
+
+    def _wait(self, event: threading.Event) -> None:
+        while not event.wait(STOP_POLL):
+            if self.stop.is_set():
+                raise _Stopped
+
+    def _take(self, source: queue.SimpleQueue) -> torch.Tensor:
+        while True:
+            try:
+                return source.get(timeout=STOP_POLL)
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise _Stopped from None
+
+    async def _connect(self, member: Member) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(member.host, member.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        self.sockets.append(sock)
+        _tune(sock)
+        await loop.sock_connect(sock, address)
+        return sock
+
+    async def _send(self, j: int) -> None:
+        sock = await self._connect(self.members[j])
+        weight = self.weights[self.me]
+        hello = Hello(round_id=self.round_id, group=self.group, sender=self.me, numel=self.flat.numel(), weight=weight)
+        await _send_message(sock, hello)
+        await _recv_message(sock, Welcome)
+        await self._in_thread(lambda: self._send_data(sock, j), sock)
+        await self.has_checksum.wait()
+        await _send_message(sock, Done(round_id=self.round_id, checksum=self.checksum))
+
+    def _send_data(self, sock: socket.socket, j: int) -> None:  # worker thread
+        start, end = self.bounds[j]
+        sock.sendall(_bytes(self.flat[start:end]))  # my contribution to member j's part
+        self._wait(self.reduced)
+        start, end = self.bounds[self.me]
+        sock.sendall(_bytes(self.out[start:end]))  # the part I own, summed
+
+    async def _receive(self, j: int) -> None:
+        conn, hello = await self.incoming[j]
+        await _send_message(conn, Welcome(round_id=self.round_id))
+        self.weights[j] = hello.weight
+        self.digests[j] = await self._in_thread(lambda: self._receive_data(conn, j), conn)
+        self.has_digest[j].set()
+        done = await _recv_message(conn, Done)
+        await self.has_checksum.wait()
+        if done.round_id != self.round_id or done.checksum != self.checksum:
+            raise AveragingError(f"member {j} holds a different result than member {self.me}")
+
+    def _receive_data(self, conn: socket.socket, j: int) -> bytes:  # worker thread
+        for _ in range(SLOTS_PER_SENDER if self.chunks else 0):
+            self.free[j].put(torch.empty(self.chunks[0][1], dtype=torch.float32))
+        for chunk_start, chunk_end in self.chunks:  # j's contribution to my part, into reused slots
+            slot = self._take(self.free[j])
+            _recv_into(conn, _bytes(slot[: chunk_end - chunk_start]))
+            self.filled[j].put(slot)
+        start, end = self.bounds[j]  # then j's summed part, straight into the result
+        hasher = DIGEST()
+        _recv_into(conn, _bytes(self.out[start:end]), hasher)
+        return hasher.digest()
+
+    async def _reduce(self) -> None:
+        self.digests[self.me] = await self._in_thread(self._reduce_data)
+        self.has_digest[self.me].set()
+
+    def _reduce_data(self) -> bytes:  # worker thread
+        """Sums part `me` of every member's tensor in member order: t_0 + t_1 + ... + t_{n-1}."""
+        start, end = self.bounds[self.me]
+        hasher = DIGEST()
+        for chunk_start, chunk_end in self.chunks:
+            total = self.out[start + chunk_start : start + chunk_end]
+            slots = {k: self._take(self.filled[k]) for k in self.others}
+            for k in range(self.n):
+                term = self.flat[start + chunk_start : start + chunk_end] if k == self.me else slots[k]
+                term = term[: chunk_end - chunk_start]
+                if k == 0:
+                    total.copy_(term)
+                else:
+                    total.add_(term)
+            hasher.update(_bytes(total))
+            for k, slot in slots.items():
+                self.free[k].put(slot)
+        self.reduced.set()
+        return hasher.digest()
+
+    async def _seal(self) -> None:
+        """The checksum of the whole result: every part's digest, the total weight and the size."""
+        for event in self.has_digest:
+            await event.wait()
+        total = self.weights[0]
+        for weight in self.weights[1:]:
+            total += weight
+        self.total_weight = total
+        digest = hashlib.sha256(struct.pack("<qqd", self.flat.numel(), self.n, total))
+        for part in self.digests:
+            digest.update(part)
+        self.checksum = digest.hexdigest()
+        self.has_checksum.set()
+
+
+def _recv_into(sock: socket.socket, view: memoryview, hasher: Any = None) -> None:
+    """Fills `view` from a blocking socket (recv_into releases the GIL), hashing as it goes."""
+    received, size = 0, len(view)
+    while received < size:
+        count = sock.recv_into(view[received : min(size, received + HASH_BYTES)])
+        if not count:
+            raise ConnectionError("connection closed by the other member")
+        if hasher is not None:
+            hasher.update(view[received : received + count])
+        received += count
+
+
+# --- the server and the call -------------------------------------------------------------------
+
+
+class AllReduceServer:
+    """Accepts other members' connections and hands each to the local round it names."""
+
+    def __init__(self, listener: socket.socket, *, pending_timeout: float):
+        self._listener = listener
+        self.host, self.port = listener.getsockname()[:2]
+        self._pending_timeout = pending_timeout
+        self._rounds: dict[str, _Round] = {}
+        self._closed_rounds: OrderedDict[str, None] = OrderedDict()
+        self._changed = asyncio.Event()
+        self._pending = 0
+        self._closing = False
+        self._serving: asyncio.Task | None = None
+
+    @classmethod
+    async def create(
+        cls, host: str = "127.0.0.1", port: int = 0, *, pending_timeout: float = PENDING_TIMEOUT
+    ) -> AllReduceServer:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        listener = socket.create_server(address, family=family, backlog=128)
+        listener.setblocking(False)
+        server = cls(listener, pending_timeout=pending_timeout)
+        server._serving = asyncio.create_task(server._serve(), name=f"allreduce-server:{server.port}")
+        return server
+
+    async def __aenter__(self) -> AllReduceServer:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stops accepting, drops held connections and fails the rounds still running here."""
+        if self._closing:
+            return
+        self._closing = True
+        for round_ in self._rounds.values():
+            round_.abort("the local all-reduce server was closed")
+        self._notify()
+        if self._serving is not None:
+            self._serving.cancel()
+            await asyncio.wait([self._serving])
+        self._listener.close()
+
+    def _open(self, round_: _Round) -> None:
+        if self._closing:
+            raise AveragingError("the all-reduce server is closed")
+        if round_.round_id in self._rounds or round_.round_id in self._closed_rounds:
+            raise ValueError(f"round id {round_.round_id!r} was already used on this server")
+        self._rounds[round_.round_id] = round_
+        self._notify()
+
+    def _release(self, round_id: str) -> None:
+        self._rounds.pop(round_id, None)
+        self._closed_rounds[round_id] = None
+        while len(self._closed_rounds) > CLOSED_ROUNDS_REMEMBERED:
+            self._closed_rounds.popitem(last=False)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                try:
+                    conn, _ = await loop.sock_accept(self._listener)
+                except OSError as e:  # e.g. out of file descriptors: back off, keep serving
+                    logger.warning("all-reduce server could not accept: %s", e)
+                    await asyncio.sleep(0.1)
+                    continue
+                if self._pending >= MAX_PENDING:
+                    conn.close()
+                    continue
+                _tune(conn)
+                tg.create_task(self._admit(conn))
+
+    async def _admit(self, conn: socket.socket) -> None:
+        self._pending += 1
+        handed_over = False
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                hello = await _recv_message(conn, Hello)
+            round_ = await self._wait_for_round(hello.round_id)
+            reason = "unknown or closed round" if round_ is None else round_.admit(hello, conn)
+            handed_over = reason is None
+            if reason is not None:
+                logger.debug("refused a connection for round %r: %s", hello.round_id, reason)
+                async with asyncio.timeout(1.0):
+                    await _send_refusal(conn, reason)
+        except (OSError, EOFError, SwarmnetError) as e:  # TimeoutError is an OSError
+            logger.debug("dropped an incoming all-reduce connection: %r", e)
+        except Exception:  # keep serving whatever one connection did
+            logger.exception("internal error admitting an all-reduce connection")
+        finally:
+            self._pending -= 1
+            if not handed_over:
+                conn.close()
+
+    async def _wait_for_round(self, round_id: str) -> _Round | None:
+        try:
+            async with asyncio.timeout(self._pending_timeout):
+                while round_id not in self._rounds:
+                    if round_id in self._closed_rounds or self._closing:
+                        return None
+                    await self._changed.wait()
+        except TimeoutError:
+            return None
+        return self._rounds[round_id]
+
+
+async def all_reduce(
+    server: AllReduceServer,
+    *,
+    round_id: str,
+    members: Sequence[Member],
+    my_index: int,
+    tensor: torch.Tensor,
+    weight: float,
+    timeout: float,
+) -> tuple[torch.Tensor, float]:
+    """Sums `tensor` and `weight` over `members`; returns `(sum, total_weight)` identical on all.
+
+    Raises `AveragingError` on every member if the round cannot complete for everyone within
+    `timeout` seconds. `tensor` (float32, any shape) is never modified; the sum has its shape.
+    """
+    members = tuple(members)
+    if not 0 <= my_index < len(members):
+        raise ValueError(f"my_index {my_index} is outside a group of {len(members)}")
+    if len({m.peer_id for m in members}) != len(members):
+        raise ValueError("members must have distinct peer ids")
+    if tensor.dtype != torch.float32:
+        raise ValueError(f"all_reduce sums float32 tensors, got {tensor.dtype}")
+    if not math.isfinite(weight):
+        raise ValueError(f"weight must be finite, got {weight}")
+    if len(members) == 1:
+        return tensor.detach().clone(), float(weight)
+    flat = tensor.detach().to("cpu").contiguous().view(-1)
+    round_ = _Round(round_id, members, my_index, flat, float(weight))
+    server._open(round_)
+    try:
+        async with asyncio.timeout(timeout):
+            await round_.run()
+    except TimeoutError as e:
+        raise AveragingError(f"round {round_id!r} did not complete within {timeout} s") from e
+    except BaseExceptionGroup as group:
+        failures, bugs = group.split((AveragingError, OSError, EOFError, SwarmnetError))
+        if bugs is not None or failures is None:
+            raise
+        first = failures
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise AveragingError(f"round {round_id!r} failed on member {my_index}: {first}") from group
+    finally:
+        server._release(round_id)
+        round_.close()
+    return round_.out.view(tensor.shape).to(tensor.device), round_.total_weight

@@ -1,0 +1,277 @@
+"""A peer's side of its stage's collaborative steps.
+
+Every peer of a stage publishes a progress record (epoch = the step its parameters are at, samples
+accumulated towards the next step, parameter digest). A background loop reads the stage's records:
+
+- a stage-mate ahead of us: we missed a step, so we download the stage's state again;
+- nobody else in the stage: the compute thread steps on its own (`auto_step`), exactly like a
+  single process (this keeps a one-peer-per-stage swarm bit-identical to `train --local`);
+- the stage's samples at our epoch reach `target_batch_size`: after a bounded grace for joining or
+  lagging mates, the live peers at our epoch form a group (the same sorted member list on every
+  member, checked by a digest in the all-reduce hello), freeze their accumulators, all-reduce sums
+  and sample counts, verify that every member finished with the same result, and apply the same
+  step. A round that fails anywhere is dropped by everyone: the frozen gradients go back into the
+  accumulator, members that no longer answer are excluded, and the round is redone with the
+  survivors.
+
+What is averaged and how it is applied depends on the run's averaging mode (`strategies.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+import logging
+import random
+import time
+
+from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce
+from swarmnet.averaging.progress import ProgressInfo, is_behind, lagging_peers, ready_to_step, round_members
+from swarmnet.averaging.strategies import Strategy
+from swarmnet.config import PeerConfig, RunManifest
+from swarmnet.dht import keys
+from swarmnet.dht.node import SwarmDHT
+from swarmnet.dht.records import ProgressRecord
+from swarmnet.dht.stages import read_stage
+from swarmnet.errors import SwarmnetError
+from swarmnet.peer.executor import ComputeExecutor
+from swarmnet.telemetry import events, metrics
+from swarmnet.testing import faults
+
+logger = logging.getLogger(__name__)
+
+
+class StageAverager:
+    def __init__(
+        self,
+        *,
+        dht: SwarmDHT,
+        manifest: RunManifest,
+        stage: int,
+        strategy: Strategy,
+        executor: ComputeExecutor,
+        server: AllReduceServer,
+        config: PeerConfig,
+        resync,
+    ):
+        self.dht = dht
+        self.manifest = manifest
+        self.stage = stage
+        self.strategy = strategy
+        self.executor = executor
+        self.server = server
+        self.config = config
+        self.resync = resync
+        """`async (peer ids | None) -> None`: downloads the stage's state from those stage-mates
+        (None: from any) and loads it."""
+        self.wake = asyncio.Event()
+        self.excluded: set[str] = set()
+        self._excluded_epoch = -1
+        self._waiting_since: float | None = None
+        self._published: tuple | None = None
+        self._digests: dict[str, tuple[int, str]] = {}
+        self.digest = ""
+
+    @property
+    def epoch(self) -> int:
+        return self.strategy.epoch
+
+    def notify(self) -> None:
+        """Called after every backward: re-check the stage's progress soon."""
+        self.wake.set()
+
+    async def publish_progress(self, *, joining: bool = False, force: bool = False) -> None:
+        state = (self.epoch, self.strategy.samples, joining)
+        if state == self._published and not force:
+            return
+        if not self.digest or joining:
+            self.digest = await self.executor.run(self.strategy.parameter_digest)
+        record = ProgressRecord(
+            epoch=-1 if joining else self.epoch, samples=self.strategy.samples, joining=joining, left=False, digest=self.digest
+        )
+        await self.dht.put(keys.progress_key(self.manifest.run_id, self.stage), record, self.config.record_ttl)
+        self._published = state
+
+    async def publish_left(self) -> None:
+        """Tells stage-mates at once that we no longer take part (instead of letting them time out)."""
+        record = ProgressRecord(epoch=self.epoch, samples=0, joining=False, left=True, digest=self.digest)
+        try:
+            await self.dht.put(keys.progress_key(self.manifest.run_id, self.stage), record, self.config.record_ttl)
+        except Exception as e:  # noqa: BLE001 - leaving must not fail; the record expires anyway
+            logger.debug("could not publish leaving: %s", e)
+
+    async def run(self) -> None:
+        """Runs until cancelled."""
+        while True:
+            try:
+                async with asyncio.timeout(self.config.progress_period):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self._tick()
+            except (SwarmnetError, OSError, TimeoutError) as e:
+                logger.warning("stage %d: progress check failed, will retry: %s", self.stage, e)
+
+    async def _read_progress(self) -> list[ProgressInfo]:
+        found = []
+        self._digests = {}
+        for signed in await self.dht.get(keys.progress_key(self.manifest.run_id, self.stage)):
+            r = signed.record
+            if signed.peer_id == self.dht.peer_id or r.left:
+                continue
+            if not r.joining:
+                self._digests[signed.peer_id] = (r.epoch, r.digest)
+            found.append(
+                ProgressInfo(
+                    peer_id=signed.peer_id,
+                    epoch=max(r.epoch, 0),  # a joining peer has no epoch yet
+                    samples=max(r.samples, 0),
+                    joining=r.joining,
+                    expires_at=signed.expiration,
+                )
+            )
+        return found
+
+    async def _tick(self) -> None:
+        me = self.dht.peer_id
+        others, servers = await asyncio.gather(
+            self._read_progress(), read_stage(self.dht, self.manifest.run_id, self.stage)
+        )
+        addresses = {info.peer_id: record.averaging_addr for info, record in servers if record.averaging_addr}
+        if self.epoch != self._excluded_epoch:
+            self.excluded.clear()
+            self._excluded_epoch = self.epoch
+        mine = ProgressInfo(peer_id=me, epoch=self.epoch, samples=self.strategy.samples)
+        progress = [mine] + [p for p in others if p.peer_id not in self.excluded]
+        if is_behind(progress, self.epoch, me):
+            logger.info("stage %d: a stage-mate is past step %d; downloading the stage state", self.stage, self.epoch)
+            await self._resync(None)
+            return
+        majority = self._majority_digest()
+        if majority is not None:
+            logger.warning("stage %d: our parameters differ from the stage's at step %d; reloading", self.stage, self.epoch)
+            await self._resync(majority)
+            return
+        alone = len(progress) == 1 and not any(pid != me for pid in addresses if pid not in self.excluded)
+        self.strategy.set_alone(alone)
+        if alone and self.strategy.steps_alone_inline:
+            await self._after_local_steps()
+            return
+        await self.publish_progress()
+        if not ready_to_step(progress, self.epoch, self.strategy.target_samples):
+            self._waiting_since = None
+            return
+        lagging = [p for p in lagging_peers(progress, self.epoch) if p not in self.excluded]
+        if lagging:
+            now = time.monotonic()
+            self._waiting_since = self._waiting_since or now
+            if now - self._waiting_since < self.manifest.averaging.join_grace:
+                return
+            logger.info("stage %d: stepping without lagging peers %s", self.stage, [p[-6:] for p in lagging])
+            self.excluded.update(lagging)
+        self._waiting_since = None
+        members = [p for p in round_members(progress, self.epoch, me, excluded=self.excluded) if p == me or p in addresses]
+        await self._round(members, addresses)
+
+    def _majority_digest(self) -> list[str] | None:
+        """Peers holding the stage's majority parameters at our epoch, if ours differ from them
+        (two groups stepped apart: the minority reloads; a tie goes to the smaller digest)."""
+        if not self.digest:
+            return None
+        same = {
+            pid: digest
+            for pid, (epoch, digest) in self._digests.items()
+            if epoch == self.epoch and digest and pid not in self.excluded
+        }
+        if not same:
+            return None
+        counts = Counter([*same.values(), self.digest])
+        best = min(counts, key=lambda d: (-counts[d], d))
+        if best == self.digest:
+            return None
+        return [pid for pid, digest in same.items() if digest == best]
+
+    async def _resync(self, sources: list[str] | None) -> None:
+        await self.publish_progress(joining=True, force=True)
+        await self.resync(sources)
+        self.digest = await self.executor.run(self.strategy.parameter_digest)
+        events.emit("stepped", stage=self.stage, epoch=self.epoch, digest=self.digest, members=0)
+        await self.publish_progress(force=True)
+
+    async def _after_local_steps(self) -> None:
+        """Alone in the stage: the strategy stepped on the compute thread; report it."""
+        if self._published is None or self._published[0] != self.epoch:
+            self.digest = await self.executor.run(self.strategy.parameter_digest)
+            events.emit("stepped", stage=self.stage, epoch=self.epoch, digest=self.digest, members=1)
+        await self.publish_progress()
+
+    async def _round(self, members: list[str], addresses: dict[str, str]) -> None:
+        me = self.dht.peer_id
+        epoch = self.epoch
+        group = []
+        for pid in members:
+            host, port = (self.server.host, self.server.port) if pid == me else _split_addr(addresses[pid])
+            group.append(Member(peer_id=pid, host=host, port=port))
+        round_id = f"{self.manifest.run_id}/{self.stage}/{epoch}/" + hashlib.sha256(",".join(members).encode()).hexdigest()[:12]
+        tensor, weight = await self.executor.run(self.strategy.freeze)
+        start = time.perf_counter()
+        events.emit("round", stage=self.stage, epoch=epoch, members=len(group))
+        if faults.round_delay():
+            await asyncio.sleep(faults.round_delay())
+        try:
+            total, total_weight = await all_reduce(
+                self.server,
+                round_id=round_id,
+                members=group,
+                my_index=members.index(me),
+                tensor=tensor,
+                weight=float(weight),
+                timeout=self.manifest.averaging.round_timeout,
+            )
+        except AveragingError as e:
+            await self.executor.run(self.strategy.unfreeze, tensor, weight)
+            dead = await _unreachable([m for m in group if m.peer_id != me])
+            self.excluded.update(dead)
+            metrics.AVERAGING_ROUNDS.labels(outcome="failed").inc()
+            logger.warning(
+                "stage %d round for step %d with %d peers failed (%s); excluding %s",
+                self.stage, epoch + 1, len(group), e, [d[-6:] for d in dead] or "nobody",
+            )
+            await asyncio.sleep(random.uniform(0.05, 0.3))  # de-synchronize the retry
+            return
+        await self.executor.run(self.strategy.apply, total, total_weight)
+        self.digest = await self.executor.run(self.strategy.parameter_digest)
+        seconds = time.perf_counter() - start
+        metrics.AVERAGING_ROUNDS.labels(outcome="ok").inc()
+        metrics.AVERAGING_SECONDS.observe(seconds)
+        logger.info("stage %d step %d: averaged %d samples over %d peers in %.3f s", self.stage, self.epoch, int(total_weight), len(group), seconds)
+        events.emit("stepped", stage=self.stage, epoch=self.epoch, digest=self.digest, members=len(group))
+        await self.publish_progress(force=True)
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host, int(port)
+
+
+async def _unreachable(members: list[Member], timeout: float = 2.0) -> set[str]:
+    """Members whose all-reduce port refuses connections: their process is gone. A member that is
+    merely slow to answer is not excluded (a busy machine must not split the stage); a frozen one
+    drops out when its progress record expires."""
+
+    async def probe(member: Member) -> str | None:
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(member.host, member.port)
+            writer.close()
+            return None
+        except ConnectionRefusedError:
+            return member.peer_id
+        except (OSError, TimeoutError):
+            return None
+
+    results = await asyncio.gather(*(probe(m) for m in members))
+    return {r for r in results if r is not None}
