@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from collections import Counter
 import logging
-import random
 import time
 
 from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce
@@ -71,7 +71,15 @@ class StageAverager:
         self._waiting_since: float | None = None
         self._published: tuple | None = None
         self._digests: dict[str, tuple[int, str]] = {}
+        self._nonces: dict[str, tuple[int, str]] = {}
+        self._nonce = ""
+        """Our round nonce while we lead an attempt (empty: none proposed)."""
+        self._attempted: set[str] = set()
+        """Nonces of the current epoch we already tried (a failed attempt is never rejoined)."""
         self.digest = ""
+        self.digest_epoch = -1
+        """`digest` is the parameter digest at `digest_epoch`, both read together on the compute
+        thread (in solo mode the epoch moves on between our ticks)."""
 
     @property
     def epoch(self) -> int:
@@ -81,14 +89,28 @@ class StageAverager:
         """Called after every backward: re-check the stage's progress soon."""
         self.wake.set()
 
+    async def refresh_digest(self) -> bool:
+        """Re-reads (epoch, parameter digest) if the epoch moved; True if it did."""
+        if self.digest_epoch == self.epoch and self.digest:
+            return False
+        self.digest_epoch, self.digest = await self.executor.run(self._epoch_and_digest)
+        return True
+
+    def _epoch_and_digest(self) -> tuple[int, str]:  # compute thread
+        return self.strategy.epoch, self.strategy.parameter_digest()
+
     async def publish_progress(self, *, joining: bool = False, force: bool = False) -> None:
-        state = (self.epoch, self.strategy.samples, joining)
+        state = (self.epoch, self.strategy.samples, joining, self._nonce)
         if state == self._published and not force:
             return
-        if not self.digest or joining:
-            self.digest = await self.executor.run(self.strategy.parameter_digest)
+        await self.refresh_digest()
         record = ProgressRecord(
-            epoch=-1 if joining else self.epoch, samples=self.strategy.samples, joining=joining, left=False, digest=self.digest
+            epoch=-1 if joining else self.digest_epoch,
+            samples=self.strategy.samples,
+            joining=joining,
+            left=False,
+            digest=self.digest,
+            round_nonce=self._nonce,
         )
         await self.dht.put(keys.progress_key(self.manifest.run_id, self.stage), record, self.config.record_ttl)
         self._published = state
@@ -124,6 +146,7 @@ class StageAverager:
                 continue
             if not r.joining:
                 self._digests[signed.peer_id] = (r.epoch, r.digest)
+                self._nonces[signed.peer_id] = (r.epoch, r.round_nonce)
             found.append(
                 ProgressInfo(
                     peer_id=signed.peer_id,
@@ -143,17 +166,19 @@ class StageAverager:
         addresses = {info.peer_id: record.averaging_addr for info, record in servers if record.averaging_addr}
         if self.epoch != self._excluded_epoch:
             self.excluded.clear()
+            self._attempted.clear()
+            self._nonce = ""
             self._excluded_epoch = self.epoch
         mine = ProgressInfo(peer_id=me, epoch=self.epoch, samples=self.strategy.samples)
         progress = [mine] + [p for p in others if p.peer_id not in self.excluded]
         if is_behind(progress, self.epoch, me):
             logger.info("stage %d: a stage-mate is past step %d; downloading the stage state", self.stage, self.epoch)
-            await self._resync(None)
+            await self.sync_from_mates(None)
             return
         majority = self._majority_digest()
         if majority is not None:
             logger.warning("stage %d: our parameters differ from the stage's at step %d; reloading", self.stage, self.epoch)
-            await self._resync(majority)
+            await self.sync_from_mates(majority)
             return
         alone = len(progress) == 1 and not any(pid != me for pid in addresses if pid not in self.excluded)
         self.strategy.set_alone(alone)
@@ -174,17 +199,35 @@ class StageAverager:
             self.excluded.update(lagging)
         self._waiting_since = None
         members = [p for p in round_members(progress, self.epoch, me, excluded=self.excluded) if p == me or p in addresses]
-        await self._round(members, addresses)
+        nonce = await self._agree_on_attempt(members)
+        if nonce is not None:
+            await self._round(members, addresses, nonce)
+
+    async def _agree_on_attempt(self, members: list[str]) -> str | None:
+        """The leader (smallest peer id) proposes a fresh nonce per attempt in its progress record;
+        the others join the attempt they read there, once. None: no attempt to join yet."""
+        leader = members[0]
+        if leader == self.dht.peer_id:
+            if not self._nonce or self._nonce in self._attempted:
+                self._nonce = secrets.token_hex(6)
+                await self.publish_progress(force=True)
+            nonce = self._nonce
+        else:
+            epoch, nonce = self._nonces.get(leader, (-1, ""))
+            if epoch != self.epoch or not nonce or nonce in self._attempted:
+                return None
+        self._attempted.add(nonce)
+        return nonce
 
     def _majority_digest(self) -> list[str] | None:
         """Peers holding the stage's majority parameters at our epoch, if ours differ from them
         (two groups stepped apart: the minority reloads; a tie goes to the smaller digest)."""
-        if not self.digest:
+        if not self.digest or self.digest_epoch != self.epoch:
             return None
         same = {
             pid: digest
             for pid, (epoch, digest) in self._digests.items()
-            if epoch == self.epoch and digest and pid not in self.excluded
+            if epoch == self.digest_epoch and digest and pid not in self.excluded
         }
         if not same:
             return None
@@ -194,28 +237,30 @@ class StageAverager:
             return None
         return [pid for pid, digest in same.items() if digest == best]
 
-    async def _resync(self, sources: list[str] | None) -> None:
+    async def sync_from_mates(self, sources: list[str] | None = None) -> None:
+        """Announces `joining`, downloads and loads the stage's state, announces the new epoch."""
         await self.publish_progress(joining=True, force=True)
         await self.resync(sources)
-        self.digest = await self.executor.run(self.strategy.parameter_digest)
-        events.emit("stepped", stage=self.stage, epoch=self.epoch, digest=self.digest, members=0)
+        self.digest_epoch = -1
+        await self.refresh_digest()
+        events.emit("stepped", stage=self.stage, epoch=self.digest_epoch, digest=self.digest, members=0)
         await self.publish_progress(force=True)
 
     async def _after_local_steps(self) -> None:
         """Alone in the stage: the strategy stepped on the compute thread; report it."""
-        if self._published is None or self._published[0] != self.epoch:
-            self.digest = await self.executor.run(self.strategy.parameter_digest)
-            events.emit("stepped", stage=self.stage, epoch=self.epoch, digest=self.digest, members=1)
+        if await self.refresh_digest():
+            events.emit("stepped", stage=self.stage, epoch=self.digest_epoch, digest=self.digest, members=1)
         await self.publish_progress()
 
-    async def _round(self, members: list[str], addresses: dict[str, str]) -> None:
+    async def _round(self, members: list[str], addresses: dict[str, str], nonce: str) -> None:
         me = self.dht.peer_id
         epoch = self.epoch
         group = []
         for pid in members:
             host, port = (self.server.host, self.server.port) if pid == me else _split_addr(addresses[pid])
             group.append(Member(peer_id=pid, host=host, port=port))
-        round_id = f"{self.manifest.run_id}/{self.stage}/{epoch}/" + hashlib.sha256(",".join(members).encode()).hexdigest()[:12]
+        group_hash = hashlib.sha256(",".join(members).encode()).hexdigest()[:12]
+        round_id = f"{self.manifest.run_id}/{self.stage}/{epoch}/{group_hash}/{nonce}"
         tensor, weight = await self.executor.run(self.strategy.freeze)
         start = time.perf_counter()
         events.emit("round", stage=self.stage, epoch=epoch, members=len(group))
@@ -240,15 +285,14 @@ class StageAverager:
                 "stage %d round for step %d with %d peers failed (%s); excluding %s",
                 self.stage, epoch + 1, len(group), e, [d[-6:] for d in dead] or "nobody",
             )
-            await asyncio.sleep(random.uniform(0.05, 0.3))  # de-synchronize the retry
             return
         await self.executor.run(self.strategy.apply, total, total_weight)
-        self.digest = await self.executor.run(self.strategy.parameter_digest)
+        await self.refresh_digest()
         seconds = time.perf_counter() - start
         metrics.AVERAGING_ROUNDS.labels(outcome="ok").inc()
         metrics.AVERAGING_SECONDS.observe(seconds)
         logger.info("stage %d step %d: averaged %d samples over %d peers in %.3f s", self.stage, self.epoch, int(total_weight), len(group), seconds)
-        events.emit("stepped", stage=self.stage, epoch=self.epoch, digest=self.digest, members=len(group))
+        events.emit("stepped", stage=self.stage, epoch=self.digest_epoch, digest=self.digest, members=len(group))
         await self.publish_progress(force=True)
 
 

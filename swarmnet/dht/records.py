@@ -70,6 +70,9 @@ class ProgressRecord:
     """True once the peer has stopped serving this stage (shut down or moved)."""
     digest: str
     """sha256 of the peer's parameters at `epoch` (equal digests: identical replicas)."""
+    round_nonce: str = ""
+    """Set by the leader of a round (the smallest peer id of its members): a fresh value per
+    attempt, which every member puts in the round id, so attempts never mix."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -89,8 +89,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
     registered = False
     try:
         if any(info.peer_id != dht.peer_id for info, _ in await read_stage(dht, run_id, stage)):
-            await averager.publish_progress(joining=True, force=True)
-            await resync()
+            await averager.sync_from_mates()
         await stage_servicer.register(dht.p2p)
         await state_servicer.register(dht.p2p)
         registered = True
@@ -115,14 +114,15 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         key = keys.stage_key(run_id, stage)
         if not await dht.put(key, record(), config.record_ttl):
             logger.warning("first announcement was not stored by any DHT node; will retry")
+        await averager.refresh_digest()
         events.emit(
             "ready",
             role="peer",
             peer_id=dht.peer_id,
             stage=stage,
             run_id=run_id,
-            step=strategy.epoch,
-            digest=await executor.run(strategy.parameter_digest),
+            step=averager.digest_epoch,
+            digest=averager.digest,
             maddrs=maddrs,
             metrics=ctx.metrics_addr,
             throughput=meter.samples_per_s,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from swarmnet.averaging.partition import part_bounds
@@ -16,7 +18,7 @@ def test_parts_are_contiguous_cover_everything_and_are_near_equal(total, n):
     assert len(bounds) == n
     assert bounds[0][0] == 0
     assert bounds[-1][1] == total
-    for (_, end), (start, _) in zip(bounds, bounds[1:]):
+    for (_, end), (start, _) in itertools.pairwise(bounds):
         assert end == start
     sizes = [end - start for start, end in bounds]
     assert all(size >= 0 for size in sizes)
