@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
-from collections import Counter
 import logging
+import secrets
 import time
+from collections import Counter
+
+import torch
 
 from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce
 from swarmnet.averaging.progress import ProgressInfo, is_behind, lagging_peers, ready_to_step, round_members
@@ -75,6 +77,7 @@ class StageAverager:
         self._nonce = ""
         """Our round nonce while we lead an attempt (empty: none proposed)."""
         self._attempted: set[str] = set()
+        self._out: torch.Tensor | None = None
         """Nonces of the current epoch we already tried (a failed attempt is never rejoined)."""
         self.digest = ""
         self.digest_epoch = -1
@@ -203,6 +206,13 @@ class StageAverager:
         if nonce is not None:
             await self._round(members, addresses, nonce)
 
+    def _result_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """One reused output buffer for the rounds' sums (allocating it per round costs more
+        than the transfer of a small stage)."""
+        if self._out is None or self._out.shape != like.shape:
+            self._out = torch.empty_like(like)
+        return self._out
+
     async def _agree_on_attempt(self, members: list[str]) -> str | None:
         """The leader (smallest peer id) proposes a fresh nonce per attempt in its progress record;
         the others join the attempt they read there, once. None: no attempt to join yet."""
@@ -275,6 +285,7 @@ class StageAverager:
                 tensor=tensor,
                 weight=float(weight),
                 timeout=self.manifest.averaging.round_timeout,
+                out=self._result_buffer(tensor),
             )
         except AveragingError as e:
             await self.executor.run(self.strategy.unfreeze, tensor, weight)

@@ -26,6 +26,7 @@ from swarmnet.dht import keys
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.records import StageServerRecord
 from swarmnet.dht.stages import read_stage, read_swarm
+from swarmnet.errors import StateSyncError
 from swarmnet.models.partition import build_stage
 from swarmnet.peer.compute import StageComputer
 from swarmnet.peer.serving import StageServing
@@ -36,6 +37,8 @@ from swarmnet.protocols.state import StateServicer
 from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
+
+SYNC_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -63,17 +66,28 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
     executor = serving.executor
 
     async def resync(only: list[str] | None = None) -> None:
-        sources = [
-            (info.peer_id, record.maddrs)
-            for info, record in await read_stage(dht, run_id, stage)
-            if info.peer_id != dht.peer_id and (only is None or info.peer_id in only)
-        ]
-        if not sources:
-            return
+        """Downloads the stage's state from stage-mates (retrying while mates come and go, e.g.
+        peers that are themselves joining or moving away) and loads it. If the stage turns out
+        to have no other peer, we keep the state we have (the seeded init for a new stage)."""
         start = time.monotonic()
-        result = await download_state(
-            dht.p2p, sources, run_id=run_id, stage=stage, layout_check=functools.partial(check_entries, strategy.state_view())
-        )
+        for attempt in range(SYNC_ATTEMPTS):
+            sources = [
+                (info.peer_id, record.maddrs)
+                for info, record in await read_stage(dht, run_id, stage)
+                if info.peer_id != dht.peer_id and (only is None or info.peer_id in only)
+            ]
+            if not sources:
+                return
+            try:
+                result = await download_state(
+                    dht.p2p, sources, run_id=run_id, stage=stage, layout_check=functools.partial(check_entries, strategy.state_view())
+                )
+                break
+            except StateSyncError as e:
+                if attempt + 1 == SYNC_ATTEMPTS:
+                    raise
+                logger.info("stage %d: state sync attempt %d failed (%s); retrying", stage, attempt + 1, e)
+                await asyncio.sleep(0.5 * 2**attempt)  # backoff while the stage's membership settles
         await executor.run(load_state, strategy.state_view(), result.snapshot)
         await executor.run(strategy.after_state_loaded)
         metrics.STATE_SYNC_SECONDS.observe(time.monotonic() - start)

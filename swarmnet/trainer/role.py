@@ -14,9 +14,9 @@ from swarmnet.dht.identity import Identity
 from swarmnet.dht.manifests import fetch_manifest, peer_ids_of
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.records import TrainerRecord
+from swarmnet.trainer.directory import StageDirectory
 from swarmnet.trainer.local import LocalTrainer
 from swarmnet.trainer.steps import StepReport, TrainingSummary
-from swarmnet.trainer.directory import StageDirectory
 from swarmnet.trainer.swarm import SwarmTrainer
 
 logger = logging.getLogger(__name__)

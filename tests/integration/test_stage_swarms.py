@@ -7,10 +7,9 @@ import time
 
 import pytest
 
+from swarmnet.config import AveragingConfig
 from swarmnet.testing.processes import ManagedProcess
 from swarmnet.testing.waiting import wait_until
-
-from swarmnet.config import AveragingConfig
 
 from .conftest import tiny_manifest
 
@@ -107,3 +106,21 @@ def test_rebalancing_spreads_peers_over_empty_stages(swarm, tmp_path):
     trainer = swarm.start_trainer("--max-steps", "3")
     summary = trainer.wait_event("summary", 120)
     assert summary["steps"] == 3 and summary["dropped"] == 0
+
+
+def test_low_communication_mode_keeps_replicas_identical_at_outer_steps(tmp_path, peer_profile):
+    from swarmnet.testing.swarm import LocalSwarm
+
+    diloco = dataclasses.replace(
+        tiny_manifest(name="diloco"),
+        averaging=AveragingConfig(mode="diloco", outer_every=2, round_timeout=5.0, join_grace=1.0),
+    )
+    with LocalSwarm(diloco, workdir=tmp_path / "diloco") as local:
+        local.start_coordinator()
+        stage0 = local.start_peers([0, 0], "--profile", peer_profile)
+        local.start_peer(1, "--profile", peer_profile)
+        trainer = local.start_trainer("--max-steps", "12")
+        summary = trainer.wait_event("summary", 200)
+        assert summary["dropped"] == 0 and summary["final_loss"] < summary["initial_loss"]
+        epoch = wait_common_epoch(stage0, at_least=2, timeout=60)
+        assert_identical(stage0, epoch)

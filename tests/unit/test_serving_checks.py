@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swarmnet.config import ModelConfig, PeerConfig, RunManifest, TrainingConfig
-from swarmnet.errors import PeerUnavailableError, BadRequestError, UnknownMicrobatchError, UnknownRunError
+from swarmnet.errors import BadRequestError, PeerUnavailableError, UnknownMicrobatchError, UnknownRunError
 from swarmnet.models.partition import build_stage
 from swarmnet.peer.compute import StageComputer
 from swarmnet.peer.serving import MAX_MICROBATCH_ID, StageServing

@@ -10,9 +10,9 @@ import torch
 
 from swarmnet.averaging.state import (
     StateSnapshot,
-    check_entries,
     StateSyncError,
     TensorEntry,
+    check_entries,
     compute_digest,
     decode_header,
     encode_header,
