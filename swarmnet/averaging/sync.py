@@ -28,6 +28,10 @@ _SOURCE_FAILURES = (SwarmnetError, TimeoutError, OSError, EOFError, asyncio.Inco
 """What a source can do wrong: answer with an error, break the protocol, time out, disconnect."""
 
 
+class NoStateSourceError(StateSyncError):
+    """No source answered with state for the stage (they left it, moved, or are unreachable)."""
+
+
 @dataclass(frozen=True)
 class SyncResult:
     """A verified snapshot and how it was obtained."""
@@ -123,7 +127,7 @@ async def _ask_everyone(
         tasks = {pid: group.create_task(ask(pid, stub)) for pid, stub in stubs.items()}
     infos = {pid: task.result() for pid, task in tasks.items() if task.result() is not None}
     if not infos:
-        raise StateSyncError(f"none of {len(stubs)} sources has state for stage {stage}")
+        raise NoStateSourceError(f"none of {len(stubs)} sources has state for stage {stage}")
     return infos
 
 

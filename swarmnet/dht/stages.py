@@ -15,9 +15,17 @@ logger = logging.getLogger(__name__)
 
 
 async def read_stage(dht: SwarmDHT, run_id: str, stage: int) -> list[tuple[PeerInfo, StageServerRecord]]:
-    """Live servers of one stage, each as a routing snapshot and its full record."""
+    """Live servers of one stage, each as a routing snapshot and its full record. A peer that
+    announced it left the stage (shut down or moved) is dropped at once, though its server record
+    lives on until it expires."""
+    servers, progress = await asyncio.gather(
+        dht.get(keys.stage_key(run_id, stage)), dht.get(keys.progress_key(run_id, stage))
+    )
+    gone = {signed.peer_id for signed in progress if signed.record.left}
     found = []
-    for signed in await dht.get(keys.stage_key(run_id, stage)):
+    for signed in servers:
+        if signed.peer_id in gone:
+            continue
         record = signed.record
         if record.stage != stage:
             continue

@@ -20,7 +20,7 @@ from swarmnet.averaging.allreduce import AllReduceServer
 from swarmnet.averaging.collaborative import StageAverager
 from swarmnet.averaging.state import check_entries, load_state, snapshot_state
 from swarmnet.averaging.strategies import make_strategy
-from swarmnet.averaging.sync import download_state
+from swarmnet.averaging.sync import NoStateSourceError, download_state
 from swarmnet.config import PeerConfig, RunManifest
 from swarmnet.dht import keys
 from swarmnet.dht.node import SwarmDHT
@@ -85,6 +85,11 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 break
             except StateSyncError as e:
                 if attempt + 1 == SYNC_ATTEMPTS:
+                    if isinstance(e, NoStateSourceError):
+                        # Every announced mate refuses: they left or moved away. We are the stage
+                        # now; a mate that comes back ahead of us makes us sync again.
+                        logger.warning("stage %d: no stage-mate holds its state (%s); keeping ours", stage, e)
+                        return
                     raise
                 logger.info("stage %d: state sync attempt %d failed (%s); retrying", stage, attempt + 1, e)
                 await asyncio.sleep(0.5 * 2**attempt)  # backoff while the stage's membership settles
@@ -205,7 +210,17 @@ async def _rebalance(ctx: PeerContext, stage: int, move: asyncio.Event, target: 
             logger.debug("could not read the swarm: %s", e)
             continue
         destination = plan_move(snapshot, ctx.dht.peer_id, margin=ctx.config.rebalance_margin)
-        if destination is not None and destination != stage:
+        if destination is None or destination == stage:
+            continue
+        # Confirm after a short random pause with a fresh view: peers that decided at the same
+        # moment see each other's moves and do not leave a stage empty in a herd.
+        await asyncio.sleep(rng.uniform(0.0, 0.5) * ctx.config.rebalance_period)
+        try:
+            confirmed = plan_move(await read_swarm(ctx.dht, ctx.manifest), ctx.dht.peer_id, margin=ctx.config.rebalance_margin)
+        except Exception as e:  # noqa: BLE001 - rebalancing is best effort
+            logger.debug("could not re-read the swarm: %s", e)
+            continue
+        if confirmed == destination:
             target.append(destination)
             move.set()
             return
