@@ -13,6 +13,7 @@ peer of the same stage (it still holds the stage input) and runs the backward th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -46,8 +47,16 @@ class SwarmTrainer(StepRunner):
         self.rng = random.Random()
         self.session = secrets.token_hex(4)
         self.num_stages = manifest.training.num_stages
+        self.order = GradientOrder()
 
     async def run_microbatch(self, mb: Microbatch) -> float:
+        self.order.begin(mb.index)
+        try:
+            return await self._run_microbatch(mb)
+        finally:
+            self.order.end(mb.index)  # done or dropped: later microbatches go on
+
+    async def _run_microbatch(self, mb: Microbatch) -> float:
         mb_id = f"{self.session}-{mb.index}"
         run_id = self.manifest.run_id
         last = self.num_stages - 1
@@ -58,10 +67,12 @@ class SwarmTrainer(StepRunner):
             inputs.append(x)
             route.append(peer_id)
             x = result.output
-        _, result = await self._call(last, lambda stub: stub.forward(run_id, mb_id, last, x, mb.targets))
+        async with self.order.turn(last, mb.index):
+            _, result = await self._call(last, lambda stub: stub.forward(run_id, mb_id, last, x, mb.targets))
         grad = result.grad_input
         for stage in reversed(range(last)):
-            grad = await self._backward(stage, route[stage], inputs[stage], grad, mb_id)
+            async with self.order.turn(stage, mb.index):
+                grad = await self._backward(stage, route[stage], inputs[stage], grad, mb_id)
         return result.loss
 
     async def _backward(self, stage: int, peer_id: str, x: torch.Tensor, grad: torch.Tensor, mb_id: str) -> torch.Tensor:
@@ -108,6 +119,35 @@ class SwarmTrainer(StepRunner):
             if attempt + 1 < self.policy.max_attempts:
                 await asyncio.sleep(self.policy.backoff(attempt, self.rng))
         raise SwarmError(f"stage {stage}: no peer served the call after {self.policy.max_attempts} tries") from last_error
+
+
+class GradientOrder:
+    """Gradient-producing calls (the last stage's forward+loss, every backward) reach each stage
+    in microbatch order. A stage's peer then adds a step's gradients in the same order as
+    `train --local` does, and float sums come out bit-identical. Forwards stay concurrent, and
+    different stages still work on different microbatches at once (the pipeline)."""
+
+    def __init__(self) -> None:
+        self._active: set[int] = set()
+        self._done: dict[tuple[int, int], asyncio.Event] = {}
+
+    def begin(self, index: int) -> None:
+        self._active.add(index)
+
+    def end(self, index: int) -> None:
+        """Microbatch `index` is finished or dropped: it blocks nobody any more."""
+        self._active.discard(index)
+        for key in [k for k in self._done if k[1] == index]:
+            self._done.pop(key).set()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, stage: int, index: int):
+        if index - 1 in self._active:
+            await self._done.setdefault((stage, index - 1), asyncio.Event()).wait()
+        try:
+            yield
+        finally:
+            self._done.setdefault((stage, index), asyncio.Event()).set()
 
 
 __all__ = ["SwarmTrainer", "StepReport"]

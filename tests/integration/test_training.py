@@ -38,4 +38,7 @@ def test_swarm_matches_local_training(swarm, tmp_path):
     assert local["steps"] == swarm_summary["steps"] == STEPS
     assert local["initial_loss"] == pytest.approx(swarm_summary["initial_loss"], rel=1e-5)
     relative = abs(local["final_loss"] - swarm_summary["final_loss"]) / local["final_loss"]
-    assert relative < 0.02, (local, swarm_summary)
+    assert relative < 0.02, (local, swarm_summary)  # the bound
+    # By design far closer: same operations in the same order (see GradientOrder), so fp32 sums
+    # on CPU agree to the last bits.
+    assert relative < 1e-5, (local, swarm_summary)
