@@ -49,11 +49,13 @@ def test_three_peers_per_stage_stay_identical(swarm, peer_profile):
     stage1 = swarm.start_peers([1, 1, 1], "--profile", peer_profile)
     for p in stage0:
         assert p.ready["stage"] == 0
-    trainer = swarm.start_trainer("--max-steps", "8")
+    trainer = swarm.start_trainer("--max-steps", "16")
     summary = trainer.wait_event("summary", 200)
     assert summary["dropped"] == 0
     for stage_peers in (stage0, stage1):
-        epoch = wait_common_epoch(stage_peers, at_least=3, timeout=60)
+        # Rounds absorb whatever samples arrived meanwhile, so a stage takes fewer steps than the
+        # trainer; what matters is that every replica reports the same digest at the same step.
+        epoch = wait_common_epoch(stage_peers, at_least=2, timeout=60)
         assert_identical(stage_peers, epoch)
     assert summary["final_loss"] < summary["initial_loss"]
 
