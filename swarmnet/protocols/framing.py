@@ -15,7 +15,9 @@ without being buffered.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,8 @@ import torch
 
 from swarmnet.errors import PeerUnavailableError, ProtocolError, SwarmnetError, error_from_code
 from swarmnet.protocols.codec import from_body, to_body
+
+logger = logging.getLogger(__name__)
 
 MESSAGE, CHUNK, ERROR = 1, 2, 3
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -201,3 +205,33 @@ def decode_error(payload: bytes, peer: str | None) -> SwarmnetError:
         return error_from_code(str(code), str(message), peer)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         return ProtocolError(f"malformed error reply from {peer}: {e}")
+
+
+async def serve_stream(stream: FramedStream, serve: Callable[[], Awaitable[None]], *, what: str) -> None:
+    """Runs one server-side request on `stream`: a typed error reply for whatever `serve` raises
+    (the handler keeps serving other streams), then the graceful end every server must follow."""
+    client = stream.peer
+    try:
+        await serve()
+    except SwarmnetError as e:
+        logger.debug("refused %s request from %s: %s", what, client, e)
+        await quietly(stream.send_error(e))
+    except (ConnectionError, asyncio.IncompleteReadError):
+        logger.debug("%s client %s went away", what, client)
+    except TimeoutError:
+        logger.debug("%s request from %s timed out", what, client)
+        await quietly(stream.send_error(PeerUnavailableError("timed out serving the request")))
+    except Exception as e:  # keep serving whatever one request did; log it with its traceback
+        logger.exception("internal error serving a %s request from %s", what, client)
+        await quietly(stream.send_error(e))
+    finally:
+        await quietly(stream.finish())
+        await quietly(stream.close())
+
+
+async def quietly(coro: Awaitable[object]) -> None:
+    """Awaits a best-effort stream operation whose failure changes nothing (the peer is gone)."""
+    try:
+        await coro
+    except (ConnectionError, OSError, ProtocolError, RuntimeError, TimeoutError):
+        pass

@@ -22,8 +22,14 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
-from swarmnet.errors import PeerUnavailableError, ProtocolError, SwarmnetError
-from swarmnet.protocols.framing import MAX_TENSOR_BYTES, FramedStream, TensorHeader, header_for
+from swarmnet.errors import PeerUnavailableError
+from swarmnet.protocols.framing import (
+    MAX_TENSOR_BYTES,
+    FramedStream,
+    TensorHeader,
+    header_for,
+    serve_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +110,7 @@ class StageServicer:
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = str(info.peer_id)
         stream = FramedStream(reader, writer, peer=client)
-        try:
-            await self._serve(client, stream)
-        except SwarmnetError as e:
-            logger.debug("refused request from %s: %s", client, e)
-            await _try(stream.send_error(e))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            logger.debug("client %s went away", client)
-        except Exception as e:  # keep serving whatever one request did; log it with its traceback
-            logger.exception("internal error serving %s", client)
-            await _try(stream.send_error(e))
-        finally:
-            await _try(stream.finish())
-            await _try(stream.close())
+        await serve_stream(stream, lambda: self._serve(client, stream), what="stage")
 
     async def _serve(self, client: str, stream: FramedStream) -> None:
         async with asyncio.timeout(REQUEST_READ_TIMEOUT):
@@ -233,10 +227,3 @@ def _header(tensor: torch.Tensor | None, compression: str) -> TensorHeader | Non
 async def _send(stream: FramedStream, tensor: torch.Tensor | None, header: TensorHeader | None) -> None:
     if tensor is not None and header is not None:
         await stream.send_tensor(tensor, header)
-
-
-async def _try(coro) -> None:
-    try:
-        await coro
-    except (ConnectionError, OSError, ProtocolError, RuntimeError, TimeoutError):
-        pass

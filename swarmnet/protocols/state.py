@@ -35,11 +35,17 @@ from swarmnet.errors import (
     BadRequestError,
     PeerUnavailableError,
     ProtocolError,
-    SwarmnetError,
     UnknownRunError,
     UnknownStateError,
 )
-from swarmnet.protocols.framing import CHUNK, CHUNK_BYTES, ERROR, FramedStream, decode_error
+from swarmnet.protocols.framing import (
+    CHUNK,
+    CHUNK_BYTES,
+    ERROR,
+    FramedStream,
+    decode_error,
+    serve_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,22 +156,7 @@ class StateServicer:
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = str(info.peer_id)
         stream = StateStream(reader, writer, peer=client)
-        try:
-            await self._serve(client, stream)
-        except SwarmnetError as e:
-            logger.debug("refused state request from %s: %s", client, e)
-            await _try(stream.send_error(e))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            logger.debug("state client %s went away", client)
-        except TimeoutError:
-            logger.debug("state request from %s timed out", client)
-            await _try(stream.send_error(PeerUnavailableError("timed out serving the request")))
-        except Exception as e:  # keep serving whatever one request did; log it with its traceback
-            logger.exception("internal error serving state to %s", client)
-            await _try(stream.send_error(e))
-        finally:
-            await _try(stream.finish())
-            await _try(stream.close())
+        await serve_stream(stream, lambda: self._serve(client, stream), what="state")
 
     async def _serve(self, client: str, stream: StateStream) -> None:
         async with asyncio.timeout(REQUEST_READ_TIMEOUT):
@@ -337,10 +328,3 @@ class StateStream(FramedStream):
         if kind == ERROR:
             raise decode_error(payload, self.peer)
         return kind, payload
-
-
-async def _try(coro) -> None:
-    try:
-        await coro
-    except (ConnectionError, OSError, ProtocolError, RuntimeError, TimeoutError):
-        pass
