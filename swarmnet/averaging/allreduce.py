@@ -35,163 +35,42 @@ import queue
 import socket
 import struct
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Self
 
-import msgpack
 import torch
 
 from swarmnet.averaging.partition import part_bounds
+from swarmnet.averaging.wire import (
+    CHUNK_ELEMENTS,
+    CLOSED_ROUNDS_REMEMBERED,
+    HELLO_TIMEOUT,
+    MAX_PENDING,
+    PENDING_TIMEOUT,
+    PROTOCOL_VERSION,
+    SLOTS_PER_SENDER,
+    STOP_POLL,
+    AveragingError,
+    Done,
+    Hello,
+    Member,
+    PartDigest,
+    Welcome,
+    group_digest,
+    recv_into,
+    recv_message,
+    send_message,
+    send_refusal,
+    tensor_view,
+    tune,
+)
 from swarmnet.errors import ProtocolError, SwarmnetError
-from swarmnet.protocols.codec import from_body, to_body
-from swarmnet.protocols.framing import ERROR, MAX_MESSAGE_BYTES, MESSAGE
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-PENDING_TIMEOUT = 10.0
-"""How long the server holds a connection for a round that is not open yet."""
-HELLO_TIMEOUT = 10.0
-MAX_PENDING = 256
-"""Connections waiting for their hello or round; more are closed at once."""
-CLOSED_ROUNDS_REMEMBERED = 4096
-CHUNK_ELEMENTS = 1 << 20
-"""Contributions are received and summed in chunks of this many elements (4 MiB), so summing
-overlaps receiving and the buffers stay small."""
-SLOTS_PER_SENDER = 2
-HASH_BYTES = 1 << 20
-"""Received bytes are digested in pieces of at most this size, while they are still in cache."""
-STOP_POLL = 0.05
-"""How often a worker thread waiting for another one checks whether the round has failed."""
-_HEADER = 5
-
-
-class AveragingError(SwarmnetError):
-    """An all-reduce round failed; every member discards it. Retry with a new round."""
-
-    code = "averaging"
-    retryable = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class Member:
-    """One member of a group, where its `AllReduceServer` listens."""
-
-    peer_id: str
-    host: str
-    port: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Hello:
-    round_id: str
-    group: str
-    """Digest of the member list: members that disagree on the group refuse each other."""
-    sender: int
-    numel: int
-    weight: float
-    version: int = PROTOCOL_VERSION
-
-
-@dataclass(frozen=True, kw_only=True)
-class Welcome:
-    round_id: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Done:
-    round_id: str
-    checksum: str
-
-
-class PartDigest:
-    """CRC-32 of a part's bytes, fed piece by piece (zlib releases the GIL on large pieces).
-
-    The round checksum hashes every part's CRC with sha256, so it covers every byte of the result.
-    CRC-32 catches any accidental difference (missing, stale, misplaced or partial data) except with
-    probability 2^-32; it is no defence against a member forging data on purpose (neither is
-    averaging: such a member can send any contribution). Chosen over sha256 for speed: on the
-    benchmark (4 peers on 2 cores, 100 MB) a sha256 of every byte costs 0.15 s per round, CRC-32 0.06 s.
-    """
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data: memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def digest(self) -> bytes:
-        return self.value.to_bytes(4, "big")
-
-
-def group_digest(members: Sequence[Member]) -> str:
-    packed = msgpack.packb([[m.peer_id, m.host, m.port] for m in members], use_bin_type=True)
-    return hashlib.sha256(packed).hexdigest()
-
-
-# --- raw socket I/O ----------------------------------------------------------------------------
-
-
-def _bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (writable unless the tensor is not)."""
-    return memoryview(tensor.numpy()).cast("B")
-
-
-async def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
-    loop = asyncio.get_running_loop()
-    received, size = 0, len(view)
-    while received < size:
-        count = await loop.sock_recv_into(sock, view[received:])
-        if not count:
-            raise ConnectionError("connection closed by the other member")
-        received += count
-
-
-async def _send_all(sock: socket.socket, data: bytes | memoryview) -> None:
-    if len(data):
-        await asyncio.get_running_loop().sock_sendall(sock, data)
-
-
-def _frame(kind: int, payload: bytes) -> bytes:
-    return bytes([kind]) + len(payload).to_bytes(4, "big") + payload
-
-
-async def _send_message(sock: socket.socket, message: Any) -> None:
-    payload = msgpack.packb([type(message).__name__, to_body(message)], use_bin_type=True)
-    await _send_all(sock, _frame(MESSAGE, payload))
-
-
-async def _send_refusal(sock: socket.socket, reason: str) -> None:
-    await _send_all(sock, _frame(ERROR, msgpack.packb([AveragingError.code, reason[:1000]])))
-
-
-async def _recv_message(sock: socket.socket, cls: type) -> Any:
-    head = bytearray(_HEADER)
-    await _recv_exactly(sock, memoryview(head))
-    kind, length = head[0], int.from_bytes(head[1:], "big")
-    if kind not in (MESSAGE, ERROR) or length > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"unexpected frame (type {kind}, {length} bytes)")
-    payload = bytearray(length)
-    await _recv_exactly(sock, memoryview(payload))
-    try:
-        first, second = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated exception types
-        raise ProtocolError(f"malformed frame: {e}") from e
-    if kind == ERROR:
-        raise AveragingError(f"refused: {second}")
-    if first != cls.__name__:
-        raise ProtocolError(f"expected {cls.__name__}, got {first!r}")
-    return from_body(cls, second, ProtocolError)
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+__all__ = ["AllReduceServer", "AveragingError", "Member", "all_reduce"]
 
 
 class _Stopped(Exception):
@@ -346,7 +225,7 @@ class _Round:
         family, kind, proto, _, address = infos[0]
         sock = socket.socket(family, kind, proto)
         self.sockets.append(sock)
-        _tune(sock)
+        tune(sock)
         await loop.sock_connect(sock, address)
         return sock
 
@@ -356,27 +235,27 @@ class _Round:
         hello = Hello(
             round_id=self.round_id, group=self.group, sender=self.me, numel=self.flat.numel(), weight=weight
         )
-        await _send_message(sock, hello)
-        if (await _recv_message(sock, Welcome)).round_id != self.round_id:
+        await send_message(sock, hello)
+        if (await recv_message(sock, Welcome)).round_id != self.round_id:
             raise ProtocolError("welcomed into another round")
         await self._in_thread(lambda: self._send_data(sock, j), sock)
         await self.has_checksum.wait()
-        await _send_message(sock, Done(round_id=self.round_id, checksum=self.checksum))
+        await send_message(sock, Done(round_id=self.round_id, checksum=self.checksum))
 
     def _send_data(self, sock: socket.socket, j: int) -> None:  # worker thread
         start, end = self.bounds[j]
-        sock.sendall(_bytes(self.flat[start:end]))  # my contribution to member j's part
+        sock.sendall(tensor_view(self.flat[start:end]))  # my contribution to member j's part
         self._wait(self.reduced)
         start, end = self.bounds[self.me]
-        sock.sendall(_bytes(self.out[start:end]))  # the part I own, summed
+        sock.sendall(tensor_view(self.out[start:end]))  # the part I own, summed
 
     async def _receive(self, j: int) -> None:
         conn, hello = await self.incoming[j]
-        await _send_message(conn, Welcome(round_id=self.round_id))
+        await send_message(conn, Welcome(round_id=self.round_id))
         self.weights[j] = hello.weight
         self.digests[j] = await self._in_thread(lambda: self._receive_data(conn, j), conn)
         self.has_digest[j].set()
-        done = await _recv_message(conn, Done)
+        done = await recv_message(conn, Done)
         await self.has_checksum.wait()
         if done.round_id != self.round_id or done.checksum != self.checksum:
             raise AveragingError(f"member {j} holds a different result than member {self.me}")
@@ -386,11 +265,11 @@ class _Round:
             self.free[j].put(torch.empty(self.chunks[0][1], dtype=torch.float32))
         for chunk_start, chunk_end in self.chunks:  # j's contribution to my part, into reused slots
             slot = self._take(self.free[j])
-            _recv_into(conn, _bytes(slot[: chunk_end - chunk_start]))
+            recv_into(conn, tensor_view(slot[: chunk_end - chunk_start]))
             self.filled[j].put(slot)
         start, end = self.bounds[j]  # then j's summed part, straight into the result
         hasher = PartDigest()
-        _recv_into(conn, _bytes(self.out[start:end]), hasher)
+        recv_into(conn, tensor_view(self.out[start:end]), hasher)
         return hasher.digest()
 
     async def _reduce(self) -> None:
@@ -411,7 +290,7 @@ class _Round:
                     total.copy_(term)
                 else:
                     total.add_(term)
-            hasher.update(_bytes(total))
+            hasher.update(tensor_view(total))
             for k, slot in slots.items():
                 self.free[k].put(slot)
         self.reduced.set()
@@ -430,18 +309,6 @@ class _Round:
             digest.update(part)
         self.checksum = digest.hexdigest()
         self.has_checksum.set()
-
-
-def _recv_into(sock: socket.socket, view: memoryview, hasher: Any = None) -> None:
-    """Fills `view` from a blocking socket (recv_into releases the GIL), hashing as it goes."""
-    received, size = 0, len(view)
-    while received < size:
-        count = sock.recv_into(view[received : min(size, received + HASH_BYTES)])
-        if not count:
-            raise ConnectionError("connection closed by the other member")
-        if hasher is not None:
-            hasher.update(view[received : received + count])
-        received += count
 
 
 # --- the server and the call -------------------------------------------------------------------
@@ -525,7 +392,7 @@ class AllReduceServer:
                 if self._pending >= MAX_PENDING:
                     conn.close()
                     continue
-                _tune(conn)
+                tune(conn)
                 tg.create_task(self._admit(conn))
 
     async def _admit(self, conn: socket.socket) -> None:
@@ -533,14 +400,14 @@ class AllReduceServer:
         handed_over = False
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
-                hello = await _recv_message(conn, Hello)
+                hello = await recv_message(conn, Hello)
             round_ = await self._wait_for_round(hello.round_id)
             reason = "unknown or closed round" if round_ is None else round_.admit(hello, conn)
             handed_over = reason is None
             if reason is not None:
                 logger.debug("refused a connection for round %r: %s", hello.round_id, reason)
                 async with asyncio.timeout(1.0):
-                    await _send_refusal(conn, reason)
+                    await send_refusal(conn, reason)
         except (OSError, EOFError, SwarmnetError) as e:  # TimeoutError is an OSError
             logger.debug("dropped an incoming all-reduce connection: %r", e)
         except Exception:  # keep serving whatever one connection did

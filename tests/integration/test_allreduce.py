@@ -19,14 +19,8 @@ import pytest
 import torch
 
 import swarmnet.averaging.allreduce as ar
-from swarmnet.averaging.allreduce import (
-    AllReduceServer,
-    AveragingError,
-    Hello,
-    Member,
-    all_reduce,
-    group_digest,
-)
+from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce
+from swarmnet.averaging.wire import Hello, group_digest
 from swarmnet.protocols.codec import to_body
 from swarmnet.protocols.framing import ERROR, MESSAGE
 from swarmnet.testing.waiting import wait_until
@@ -232,7 +226,7 @@ def test_member_crashing_mid_round_fails_everyone_and_nobody_returns_a_partial_s
         if self.me != victim:
             return original(self, sock, j)
         start, end = self.bounds[j]
-        view = ar._bytes(self.flat[start:end])
+        view = ar.tensor_view(self.flat[start:end])
         sock.sendall(view[: len(view) // 2])
         sent_half.set()
         self._wait(threading.Event())  # until the crash stops this round
@@ -390,7 +384,7 @@ def _process_member(index: int, victim: int, numel: int, pipe, results, sent_hal
 
         def send_half_then_hang(self, sock, j):
             start, end = self.bounds[j]
-            view = ar._bytes(self.flat[start:end])
+            view = ar.tensor_view(self.flat[start:end])
             sock.sendall(view[: len(view) // 2])
             sent_half.set()
             time.sleep(3600)  # until SIGKILL

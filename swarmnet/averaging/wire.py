@@ -1,0 +1,174 @@
+"""Wire pieces of the all-reduce data plane: constants, typed messages, raw socket I/O.
+
+See `allreduce.py` for the protocol; this module holds what its rounds and server speak with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from swarmnet.errors import ProtocolError, SwarmnetError
+from swarmnet.protocols.codec import from_body, to_body
+from swarmnet.protocols.framing import ERROR, MAX_MESSAGE_BYTES, MESSAGE
+
+PROTOCOL_VERSION = 1
+PENDING_TIMEOUT = 10.0
+"""How long the server holds a connection for a round that is not open yet."""
+HELLO_TIMEOUT = 10.0
+MAX_PENDING = 256
+"""Connections waiting for their hello or round; more are closed at once."""
+CLOSED_ROUNDS_REMEMBERED = 4096
+CHUNK_ELEMENTS = 1 << 20
+"""Contributions are received and summed in chunks of this many elements (4 MiB), so summing
+overlaps receiving and the buffers stay small."""
+SLOTS_PER_SENDER = 2
+HASH_BYTES = 1 << 20
+"""Received bytes are digested in pieces of at most this size, while they are still in cache."""
+STOP_POLL = 0.05
+"""How often a worker thread waiting for another one checks whether the round has failed."""
+FRAME_HEADER = 5
+
+
+class AveragingError(SwarmnetError):
+    """An all-reduce round failed; every member discards it. Retry with a new round."""
+
+    code = "averaging"
+    retryable = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    """One member of a group, where its `AllReduceServer` listens."""
+
+    peer_id: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello:
+    round_id: str
+    group: str
+    """Digest of the member list: members that disagree on the group refuse each other."""
+    sender: int
+    numel: int
+    weight: float
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class Welcome:
+    round_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done:
+    round_id: str
+    checksum: str
+
+
+class PartDigest:
+    """CRC-32 of a part's bytes, fed piece by piece (zlib releases the GIL on large pieces).
+
+    The round checksum hashes every part's CRC with sha256, so it covers every byte of the result.
+    CRC-32 catches any accidental difference (missing, stale, misplaced or partial data) except with
+    probability 2^-32; it is no defence against a member forging data on purpose (neither is
+    averaging: such a member can send any contribution). Chosen over sha256 for speed: on the
+    benchmark (4 peers on 2 cores, 100 MB) a sha256 of every byte costs 0.15 s per round, CRC-32 0.06 s.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+def group_digest(members: Sequence[Member]) -> str:
+    packed = msgpack.packb([[m.peer_id, m.host, m.port] for m in members], use_bin_type=True)
+    return hashlib.sha256(packed).hexdigest()
+
+
+# --- raw socket I/O ----------------------------------------------------------------------------
+
+
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (writable unless the tensor is not)."""
+    return memoryview(tensor.numpy()).cast("B")
+
+
+async def recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    loop = asyncio.get_running_loop()
+    received, size = 0, len(view)
+    while received < size:
+        count = await loop.sock_recv_into(sock, view[received:])
+        if not count:
+            raise ConnectionError("connection closed by the other member")
+        received += count
+
+
+async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+    if len(data):
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return bytes([kind]) + len(payload).to_bytes(4, "big") + payload
+
+
+async def send_message(sock: socket.socket, message: Any) -> None:
+    payload = msgpack.packb([type(message).__name__, to_body(message)], use_bin_type=True)
+    await send_all(sock, frame(MESSAGE, payload))
+
+
+async def send_refusal(sock: socket.socket, reason: str) -> None:
+    await send_all(sock, frame(ERROR, msgpack.packb([AveragingError.code, reason[:1000]])))
+
+
+async def recv_message(sock: socket.socket, cls: type) -> Any:
+    head = bytearray(FRAME_HEADER)
+    await recv_exactly(sock, memoryview(head))
+    kind, length = head[0], int.from_bytes(head[1:], "big")
+    if kind not in (MESSAGE, ERROR) or length > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"unexpected frame (type {kind}, {length} bytes)")
+    payload = bytearray(length)
+    await recv_exactly(sock, memoryview(payload))
+    try:
+        first, second = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"malformed frame: {e}") from e
+    if kind == ERROR:
+        raise AveragingError(f"refused: {second}")
+    if first != cls.__name__:
+        raise ProtocolError(f"expected {cls.__name__}, got {first!r}")
+    return from_body(cls, second, ProtocolError)
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def recv_into(sock: socket.socket, view: memoryview, hasher: Any = None) -> None:
+    """Fills `view` from a blocking socket (recv_into releases the GIL), hashing as it goes."""
+    received, size = 0, len(view)
+    while received < size:
+        count = sock.recv_into(view[received : min(size, received + HASH_BYTES)])
+        if not count:
+            raise ConnectionError("connection closed by the other member")
+        if hasher is not None:
+            hasher.update(view[received : received + count])
+        received += count
