@@ -34,8 +34,8 @@ from swarmnet.averaging.strategies import Strategy
 from swarmnet.config import PeerConfig, RunManifest
 from swarmnet.dht import keys
 from swarmnet.dht.node import SwarmDHT
-from swarmnet.dht.records import ProgressRecord
-from swarmnet.dht.stages import read_stage
+from swarmnet.dht.records import ProgressRecord, SignedRecord
+from swarmnet.dht.stages import read_stage_and_progress
 from swarmnet.errors import SwarmnetError
 from swarmnet.peer.executor import ComputeExecutor
 from swarmnet.telemetry import events, metrics
@@ -140,10 +140,10 @@ class StageAverager:
             except (SwarmnetError, OSError, TimeoutError) as e:
                 logger.warning("stage %d: progress check failed, will retry: %s", self.stage, e)
 
-    async def _read_progress(self) -> list[ProgressInfo]:
+    def _parse_progress(self, records: list[SignedRecord]) -> list[ProgressInfo]:
         found = []
         self._digests = {}
-        for signed in await self.dht.get(keys.progress_key(self.manifest.run_id, self.stage)):
+        for signed in records:
             r = signed.record
             if signed.peer_id == self.dht.peer_id or r.left:
                 continue
@@ -163,9 +163,8 @@ class StageAverager:
 
     async def _tick(self) -> None:
         me = self.dht.peer_id
-        others, servers = await asyncio.gather(
-            self._read_progress(), read_stage(self.dht, self.manifest.run_id, self.stage)
-        )
+        servers, records = await read_stage_and_progress(self.dht, self.manifest.run_id, self.stage)
+        others = self._parse_progress(records)
         addresses = {info.peer_id: record.averaging_addr for info, record in servers if record.averaging_addr}
         if self.epoch != self._excluded_epoch:
             self.excluded.clear()

@@ -8,7 +8,7 @@ import logging
 from swarmnet.config import RunManifest
 from swarmnet.dht import keys
 from swarmnet.dht.node import SwarmDHT
-from swarmnet.dht.records import StageServerRecord
+from swarmnet.dht.records import SignedRecord, StageServerRecord
 from swarmnet.pipeline.snapshot import PeerInfo, SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -18,6 +18,13 @@ async def read_stage(dht: SwarmDHT, run_id: str, stage: int) -> list[tuple[PeerI
     """Live servers of one stage, each as a routing snapshot and its full record. A peer that
     announced it left the stage (shut down or moved) is dropped at once, though its server record
     lives on until it expires."""
+    return (await read_stage_and_progress(dht, run_id, stage))[0]
+
+
+async def read_stage_and_progress(
+    dht: SwarmDHT, run_id: str, stage: int
+) -> tuple[list[tuple[PeerInfo, StageServerRecord]], list[SignedRecord]]:
+    """`read_stage`, plus the stage's progress records it read on the way."""
     servers, progress = await asyncio.gather(
         dht.get(keys.stage_key(run_id, stage)), dht.get(keys.progress_key(run_id, stage))
     )
@@ -42,7 +49,7 @@ async def read_stage(dht: SwarmDHT, run_id: str, stage: int) -> list[tuple[PeerI
             logger.debug("ignoring record of %s: %s", signed.peer_id, e)
             continue
         found.append((info, record))
-    return found
+    return found, progress
 
 
 async def read_swarm(dht: SwarmDHT, manifest: RunManifest) -> SwarmSnapshot:
