@@ -102,8 +102,6 @@ class DilocoAveraging:
             self.anchor.parameters(), lr=config.outer_lr, momentum=config.outer_momentum, nesterov=True
         )
         self.outer_step = 0
-        self.since_outer = 0
-        self._seen_at_freeze = 0
         self._target = config.outer_every * computer.target_batch_size
         self._samples_base = computer.samples_seen
 

@@ -148,12 +148,13 @@ class StageComputer:
 
     @property
     def memory_bytes(self) -> int:
-        """Parameters, gradients and optimizer state, in bytes."""
+        """Parameters, gradients and optimizer state, in bytes (read from the event loop while the
+        compute thread may be stepping: iterate over copies)."""
         params = sum(p.numel() * p.element_size() for p in self.module.parameters())
         state = sum(
             t.numel() * t.element_size()
-            for s in self.optimizer.state.values()
-            for t in s.values()
+            for s in list(self.optimizer.state.values())
+            for t in list(s.values())
             if isinstance(t, torch.Tensor)
         )
         return 2 * params + state
