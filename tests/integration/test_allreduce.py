@@ -387,7 +387,7 @@ def _process_member(index: int, victim: int, numel: int, pipe, results, sent_hal
             view = ar.tensor_view(self.flat[start:end])
             sock.sendall(view[: len(view) // 2])
             sent_half.set()
-            time.sleep(3600)  # until SIGKILL
+            threading.Event().wait()  # stalls until the test SIGKILLs this process
 
         ar._Round._send_data = send_half_then_hang
 
