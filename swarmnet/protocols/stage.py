@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from hivemind.p2p import P2P, PeerID
-from hivemind.utils.multiaddr import Multiaddr
+from hivemind.p2p import P2P
 
-from swarmnet.errors import PeerUnavailableError
+from swarmnet.protocols.dial import PeerDialer
 from swarmnet.protocols.framing import (
     MAX_TENSOR_BYTES,
     FramedStream,
@@ -147,7 +146,7 @@ class StageStub:
         self.peer_id = peer_id
         self.maddrs = maddrs
         self.compression = compression
-        self._connected = False
+        self.dialer = PeerDialer(p2p, peer_id, maddrs)
 
     async def forward(
         self, run_id: str, microbatch_id: str, stage: int, x: torch.Tensor, targets: torch.Tensor | None = None
@@ -197,16 +196,7 @@ class StageStub:
             await stream.close()
 
     async def _open(self) -> FramedStream:
-        pid = PeerID.from_base58(self.peer_id)
-        try:
-            if not self._connected and self.maddrs:
-                # hivemind's P2P has no public connect(); its daemon client does.
-                await self.p2p._client.connect(pid, [Multiaddr(m.split("/p2p/")[0]) for m in self.maddrs])
-                self._connected = True
-            _, reader, writer = await self.p2p.call_binary_stream_handler(pid, PROTOCOL)
-        except Exception as e:  # p2pd reports dial failures as ControlFailure/ConnectionError
-            self._connected = False
-            raise PeerUnavailableError(f"cannot open a stream to {self.peer_id}: {e}", peer=self.peer_id) from e
+        reader, writer = await self.dialer.open(PROTOCOL)
         return FramedStream(reader, writer, peer=self.peer_id)
 
 

@@ -27,8 +27,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from hivemind.p2p import P2P, PeerID
-from hivemind.utils.multiaddr import Multiaddr
+from hivemind.p2p import P2P
 
 from swarmnet.averaging.state import StateSnapshot, TensorEntry, decode_header, encode_header
 from swarmnet.errors import (
@@ -38,6 +37,7 @@ from swarmnet.errors import (
     UnknownRunError,
     UnknownStateError,
 )
+from swarmnet.protocols.dial import PeerDialer
 from swarmnet.protocols.framing import (
     CHUNK,
     CHUNK_BYTES,
@@ -251,7 +251,7 @@ class StateStub:
         self.p2p = p2p
         self.peer_id = peer_id
         self.maddrs = maddrs
-        self._connected = False
+        self.dialer = PeerDialer(p2p, peer_id, maddrs)
 
     async def info(self, run_id: str, stage: int) -> StateInfo:
         """The snapshot the peer would serve now; raises a typed error or `ProtocolError`."""
@@ -288,17 +288,7 @@ class StateStub:
             await stream.close()
 
     async def _open(self) -> StateStream:
-        try:
-            pid = PeerID.from_base58(self.peer_id)
-            if not self._connected and self.maddrs:
-                # hivemind's P2P has no public connect(); its daemon client does.
-                await self.p2p._client.connect(pid, [Multiaddr(m.split("/p2p/")[0]) for m in self.maddrs])
-                self._connected = True
-            _, reader, writer = await self.p2p.call_binary_stream_handler(pid, PROTOCOL)
-        except Exception as e:  # bad peer ids, and p2pd's dial failures (ControlFailure, ConnectionError)
-            self._connected = False
-            message = f"cannot open a stream to {self.peer_id}: {e}"
-            raise PeerUnavailableError(message, peer=self.peer_id) from e
+        reader, writer = await self.dialer.open(PROTOCOL)
         return StateStream(reader, writer, peer=self.peer_id)
 
 

@@ -8,8 +8,6 @@ import math
 
 import pytest
 import torch
-from hivemind.p2p import PeerID
-from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.dht.identity import Identity
 from swarmnet.dht.node import SwarmDHT
@@ -21,6 +19,7 @@ from swarmnet.errors import (
     UnknownRunError,
 )
 from swarmnet.protocols import stage as proto
+from swarmnet.protocols.dial import PeerDialer
 from swarmnet.protocols.framing import CHUNK, MAX_FRAME_BYTES, FramedStream, TensorHeader
 from swarmnet.protocols.stage import StageStub
 
@@ -48,9 +47,7 @@ async def _attack(ready: dict, manifest) -> None:
                     await asyncio.wait_for(coro, 30)
 
             async def raw(write) -> FramedStream:
-                pid = PeerID.from_base58(ready["peer_id"])
-                await client.p2p._client.connect(pid, [Multiaddr(m.split("/p2p/")[0]) for m in ready["maddrs"]])
-                _, reader, writer = await client.p2p.call_binary_stream_handler(pid, proto.PROTOCOL)
+                reader, writer = await PeerDialer(client.p2p, ready["peer_id"], ready["maddrs"]).open(proto.PROTOCOL)
                 stream = FramedStream(reader, writer)
                 await write(stream)
                 return stream

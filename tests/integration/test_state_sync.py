@@ -11,8 +11,6 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from hivemind.p2p import PeerID
-from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.averaging.state import StateSnapshot, StateSyncError, check_entries, load_state, snapshot_state
 from swarmnet.averaging.sync import download_state
@@ -23,6 +21,7 @@ from swarmnet.errors import BadRequestError, PeerUnavailableError, ProtocolError
 from swarmnet.models.partition import build_stage
 from swarmnet.peer.compute import StageComputer
 from swarmnet.protocols import state as proto
+from swarmnet.protocols.dial import PeerDialer
 from swarmnet.protocols.state import MAX_RANGE_BYTES, StateServicer, StateStub, UnknownStateError
 
 from .conftest import tiny_manifest
@@ -323,7 +322,5 @@ def test_bad_range_requests_get_typed_errors_and_the_servicer_keeps_serving():
 
 
 async def raw_stream(client: SwarmDHT, peer_id: str, maddrs: list[str]) -> proto.StateStream:
-    pid = PeerID.from_base58(peer_id)
-    await client.p2p._client.connect(pid, [Multiaddr(m.split("/p2p/")[0]) for m in maddrs])
-    _, reader, writer = await client.p2p.call_binary_stream_handler(pid, proto.PROTOCOL)
+    reader, writer = await PeerDialer(client.p2p, peer_id, maddrs).open(proto.PROTOCOL)
     return proto.StateStream(reader, writer, peer=peer_id)
