@@ -202,6 +202,16 @@ class PeerConfig:
     rebalance_margin: float = 0.1
     """Move to the bottleneck stage only if both the stage left and the stage joined end at least
     this fraction above the current bottleneck's throughput (see `pipeline.rebalance`)."""
+    leave_timeout: float = 10.0
+    """On SIGTERM (or a move), how long the peer drains: it stops taking new microbatches, answers
+    the backwards of those it holds, and waits for the round that commits its gradients."""
+    checkpoint_dir: str | None = None
+    """Where the peer saves its stage's state (atomic files; none: no checkpoints). A restarted
+    peer resumes from it unless its stage-mates are further along."""
+    checkpoint_every: int = 1
+    """Save after every this many optimizer steps (and when leaving)."""
+    checkpoint_keep: int = 2
+    """Checkpoints kept per stage (older ones are deleted)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,8 +226,9 @@ class RetryConfig:
     """Ceiling of the backoff."""
     ban_seconds: float = 10.0
     """How long a peer that failed is avoided."""
-    call_timeout: float = 30.0
-    """Deadline of one forward or backward call."""
+    call_timeout: float = 10.0
+    """Deadline of one forward or backward call: a frozen or cut-off peer costs this much before
+    the call is retried elsewhere. Raise it for models whose forward takes seconds."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +247,9 @@ class TrainerConfig:
     """Interface for the trainer's own libp2p host."""
     manifest_timeout: float = 30.0
     """Seconds to wait for a verified run manifest to appear in the DHT."""
+    resume: bool = True
+    """Start at the swarm's step (the least advanced stage's) instead of step 0, so a restarted
+    trainer continues the run's data and loss curve."""
     retry: RetryConfig = field(default_factory=RetryConfig)
 
 

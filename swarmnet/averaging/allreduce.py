@@ -57,6 +57,8 @@ from swarmnet.averaging.wire import (
     Hello,
     Member,
     PartDigest,
+    Ping,
+    Pong,
     Welcome,
     group_digest,
     recv_into,
@@ -400,7 +402,11 @@ class AllReduceServer:
         handed_over = False
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
-                hello = await recv_message(conn, Hello)
+                hello = await recv_message(conn, (Hello, Ping))
+            if isinstance(hello, Ping):
+                async with asyncio.timeout(1.0):
+                    await send_message(conn, Pong())
+                return
             round_ = await self._wait_for_round(hello.round_id)
             reason = "unknown or closed round" if round_ is None else round_.admit(hello, conn)
             handed_over = reason is None
@@ -427,6 +433,29 @@ class AllReduceServer:
         except TimeoutError:
             return None
         return self._rounds[round_id]
+
+
+async def ping(host: str, port: int, timeout: float = 3.0) -> str | None:
+    """Probes a member's all-reduce server: None if it answered, else why not ("refused": the
+    process is gone; "silent": frozen, hung or cut off; or the error)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (host, port))
+            tune(sock)
+            await send_message(sock, Ping())
+            await recv_message(sock, Pong)
+        return None
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "silent"
+    except (OSError, EOFError, SwarmnetError) as e:
+        return f"error: {e}"
+    finally:
+        sock.close()
 
 
 async def all_reduce(

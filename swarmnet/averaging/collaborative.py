@@ -28,7 +28,7 @@ from collections import Counter
 
 import torch
 
-from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce
+from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce, ping
 from swarmnet.averaging.progress import ProgressInfo, is_behind, lagging_peers, ready_to_step, round_members
 from swarmnet.averaging.strategies import Strategy
 from swarmnet.config import PeerConfig, RunManifest
@@ -68,11 +68,21 @@ class StageAverager:
         """`async (peer ids | None) -> None`: downloads the stage's state from those stage-mates
         (None: from any) and loads it."""
         self.wake = asyncio.Event()
+        self.alone = False
+        """No live stage-mate at the last check (the compute thread steps on its own)."""
+        self.leaving = False
+        """Set when the peer drains before leaving: published in our progress records."""
         self.excluded: set[str] = set()
+        """Members left out of this epoch's rounds (gone, or lagging past the grace)."""
+        self.suspects: dict[str, float] = {}
+        """Members that did not answer a ping after a failed round (frozen, hung or cut off), with
+        the expiration of their progress record then: they stay out of rounds, across epochs,
+        until they publish a newer record (a thawed peer does so when it resyncs)."""
         self._excluded_epoch = -1
         self._waiting_since: float | None = None
         self._published: tuple | None = None
         self._digests: dict[str, tuple[int, str]] = {}
+        self._expirations: dict[str, float] = {}
         self._nonces: dict[str, tuple[int, str]] = {}
         self._nonce = ""
         """Our round nonce while we lead an attempt (empty: none proposed)."""
@@ -103,7 +113,7 @@ class StageAverager:
         return self.strategy.epoch, self.strategy.parameter_digest()
 
     async def publish_progress(self, *, joining: bool = False, force: bool = False) -> None:
-        state = (self.epoch, self.strategy.samples, joining, self._nonce)
+        state = (self.epoch, self.strategy.samples, joining, self._nonce, self.leaving)
         if state == self._published and not force:
             return
         await self.refresh_digest()
@@ -114,6 +124,7 @@ class StageAverager:
             left=False,
             digest=self.digest,
             round_nonce=self._nonce,
+            leaving=self.leaving,
         )
         await self.dht.put(keys.progress_key(self.manifest.run_id, self.stage), record, self.config.record_ttl)
         self._published = state
@@ -143,10 +154,16 @@ class StageAverager:
     def _parse_progress(self, records: list[SignedRecord]) -> list[ProgressInfo]:
         found = []
         self._digests = {}
+        self._expirations = {signed.peer_id: signed.expiration for signed in records}
         for signed in records:
             r = signed.record
             if signed.peer_id == self.dht.peer_id or r.left:
                 continue
+            if signed.peer_id in self.suspects:
+                if signed.expiration <= self.suspects[signed.peer_id]:
+                    continue
+                logger.info("stage %d: %s is back", self.stage, signed.peer_id[-6:])
+                del self.suspects[signed.peer_id]
             if not r.joining:
                 self._digests[signed.peer_id] = (r.epoch, r.digest)
                 self._nonces[signed.peer_id] = (r.epoch, r.round_nonce)
@@ -163,7 +180,7 @@ class StageAverager:
 
     async def _tick(self) -> None:
         me = self.dht.peer_id
-        servers, records = await read_stage_and_progress(self.dht, self.manifest.run_id, self.stage)
+        servers, records = await read_stage_and_progress(self.dht, self.manifest.run_id, self.stage, include_leaving=True)
         others = self._parse_progress(records)
         addresses = {info.peer_id: record.averaging_addr for info, record in servers if record.averaging_addr}
         if self.epoch != self._excluded_epoch:
@@ -182,7 +199,10 @@ class StageAverager:
             logger.warning("stage %d: our parameters differ from the stage's at step %d; reloading", self.stage, self.epoch)
             await self.sync_from_mates(majority)
             return
-        alone = len(progress) == 1 and not any(pid != me for pid in addresses if pid not in self.excluded)
+        alone = len(progress) == 1 and not any(
+            pid != me for pid in addresses if pid not in self.excluded and pid not in self.suspects
+        )
+        self.alone = alone
         self.strategy.set_alone(alone)
         if alone and self.strategy.steps_alone_inline:
             await self._after_local_steps()
@@ -288,12 +308,16 @@ class StageAverager:
             )
         except AveragingError as e:
             await self.executor.run(self.strategy.unfreeze, tensor, weight)
-            dead = await _unreachable([m for m in group if m.peer_id != me])
+            dead = await _unresponsive([m for m in group if m.peer_id != me])
             self.excluded.update(dead)
+            for pid, reason in dead.items():
+                if reason != "refused":
+                    self.suspects[pid] = self._expirations.get(pid, 0.0)
+                    metrics.SUSPECTED_PEERS.inc()
             metrics.AVERAGING_ROUNDS.labels(outcome="failed").inc()
             logger.warning(
                 "stage %d round for step %d with %d peers failed (%s); excluding %s",
-                self.stage, epoch + 1, len(group), e, [d[-6:] for d in dead] or "nobody",
+                self.stage, epoch + 1, len(group), e, {d[-6:]: r for d, r in dead.items()} or "nobody",
             )
             return
         await self.executor.run(self.strategy.apply, total, total_weight)
@@ -311,21 +335,12 @@ def _split_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def _unreachable(members: list[Member], timeout: float = 2.0) -> set[str]:
-    """Members whose all-reduce port refuses connections: their process is gone. A member that is
-    merely slow to answer is not excluded (a busy machine must not split the stage); a frozen one
-    drops out when its progress record expires."""
+PING_TIMEOUT = 3.0
 
-    async def probe(member: Member) -> str | None:
-        try:
-            async with asyncio.timeout(timeout):
-                _, writer = await asyncio.open_connection(member.host, member.port)
-            writer.close()
-            return None
-        except ConnectionRefusedError:
-            return member.peer_id
-        except (OSError, TimeoutError):
-            return None
 
-    results = await asyncio.gather(*(probe(m) for m in members))
-    return {r for r in results if r is not None}
+async def _unresponsive(members: list[Member]) -> dict[str, str]:
+    """Members that do not answer a ping, with why: "refused" (the process is gone) or "silent"
+    (frozen, hung or partitioned away). The ping is answered by the member's event loop, not its
+    compute thread, so a peer that is merely busy computing still answers and stays in."""
+    reasons = await asyncio.gather(*(ping(m.host, m.port, PING_TIMEOUT) for m in members))
+    return {m.peer_id: reason for m, reason in zip(members, reasons) if reason is not None}

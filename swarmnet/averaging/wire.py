@@ -66,6 +66,19 @@ class Hello:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Ping:
+    """Liveness probe: answered by the server's event loop at once, so a frozen (SIGSTOPped) or
+    hung process is told apart from one that merely has a kernel accepting its connections."""
+
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pong:
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
 class Welcome:
     round_id: str
 
@@ -137,7 +150,9 @@ async def send_refusal(sock: socket.socket, reason: str) -> None:
     await send_all(sock, frame(ERROR, msgpack.packb([AveragingError.code, reason[:1000]])))
 
 
-async def recv_message(sock: socket.socket, cls: type) -> Any:
+async def recv_message(sock: socket.socket, cls: type | tuple[type, ...]) -> Any:
+    """The next message, which must be of `cls` (or one of several classes)."""
+    classes = cls if isinstance(cls, tuple) else (cls,)
     head = bytearray(FRAME_HEADER)
     await recv_exactly(sock, memoryview(head))
     kind, length = head[0], int.from_bytes(head[1:], "big")
@@ -151,9 +166,10 @@ async def recv_message(sock: socket.socket, cls: type) -> Any:
         raise ProtocolError(f"malformed frame: {e}") from e
     if kind == ERROR:
         raise AveragingError(f"refused: {second}")
-    if first != cls.__name__:
-        raise ProtocolError(f"expected {cls.__name__}, got {first!r}")
-    return from_body(cls, second, ProtocolError)
+    for expected in classes:
+        if first == expected.__name__:
+            return from_body(expected, second, ProtocolError)
+    raise ProtocolError(f"expected {'/'.join(c.__name__ for c in classes)}, got {first!r}")
 
 
 def tune(sock: socket.socket) -> None:

@@ -16,7 +16,12 @@ def add_parser(commands) -> None:
     p.add_argument("--identity", default=DEFAULT_IDENTITY, help="key file, generated on first run")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
-    p.add_argument("--initial-peers", nargs="*", default=[], help="join an existing DHT instead of starting one")
+    p.add_argument(
+        "--initial-peers", nargs="*", default=[], help="join an existing DHT (e.g. any live peer, to re-attach after a restart)"
+    )
+    p.add_argument("--archive", default=None, metavar="DIR", help="archive every stage's state here and serve it to joining peers")
+    p.add_argument("--archive-period", type=float, default=30.0, help="seconds between archive updates")
+    p.add_argument("--observe-period", type=float, default=10.0, help="seconds between swarm observations")
     p.set_defaults(handler=main)
 
 
@@ -33,6 +38,9 @@ def main(args: argparse.Namespace) -> int:
             port=args.port,
             initial_peers=args.initial_peers,
             stop=stop,
+            observe_period=args.observe_period,
+            archive_dir=args.archive,
+            archive_period=args.archive_period,
         )
 
     return run_role("coordinator", args.log_level, role)

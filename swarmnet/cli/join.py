@@ -19,6 +19,7 @@ def add_parser(commands) -> None:
     p.add_argument("--device", default=None, help="torch device, overrides the profile")
     p.add_argument("--host", default=None, help="interface to listen on, overrides the profile")
     p.add_argument("--port", type=int, default=None, help="TCP port, overrides the profile")
+    p.add_argument("--checkpoint-dir", default=None, help="save and resume the stage's state here, overrides the profile")
     p.set_defaults(handler=main)
 
 
@@ -27,7 +28,9 @@ def main(args: argparse.Namespace) -> int:
         from swarmnet.dht.identity import Identity
         from swarmnet.peer.peer import run_peer
 
-        config = load_profile(PeerConfig, args.profile, device=args.device, host=args.host, port=args.port)
+        config = load_profile(
+            PeerConfig, args.profile, device=args.device, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir
+        )
         identity = Identity.load_or_create(args.identity) if args.identity else Identity.ephemeral()
         try:
             await run_peer(

@@ -23,12 +23,17 @@ def add_parser(commands) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much wall time")
     p.add_argument("--summary-json", default=None, help="write the final summary here as JSON")
+    p.add_argument("--host", default=None, help="interface for the trainer's libp2p host, overrides the profile")
+    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if the swarm is further along")
     p.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
     async def role(stop):
-        config = load_profile(TrainerConfig, args.profile, max_steps=args.max_steps, max_seconds=args.max_seconds)
+        config = load_profile(
+            TrainerConfig, args.profile, max_steps=args.max_steps, max_seconds=args.max_seconds, host=args.host,
+            resume=False if args.no_resume else None,
+        )
         if args.local:
             from swarmnet.trainer.role import run_local_training
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from swarmnet.config import RunManifest
+from swarmnet.coordinator.archive import StageArchive
 from swarmnet.dht.identity import Identity
-from swarmnet.dht.manifests import MANIFEST_TTL, publish_manifest
+from swarmnet.dht.manifests import MANIFEST_REFRESH, publish_manifest
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.stages import read_swarm
 from swarmnet.telemetry import events
@@ -29,12 +31,18 @@ async def run_coordinator(
     initial_peers: Sequence[str],
     stop: asyncio.Event,
     observe_period: float = 10.0,
+    archive_dir: str | None = None,
+    archive_period: float = 30.0,
 ) -> None:
     dht = await SwarmDHT.create(
         identity=identity, initial_peers=initial_peers, host=host, port=port, check_identity=bool(initial_peers)
     )
     async with dht:
         await publish_manifest(dht, manifest)
+        archive = None
+        if archive_dir is not None:
+            archive = StageArchive(dht, manifest, Path(archive_dir), period=archive_period)
+            await archive.start()
         maddrs = await dht.visible_maddrs()
         logger.info("run %s (%s) published by %s", manifest.run_id, manifest.name, dht.peer_id)
         for maddr in maddrs:
@@ -51,15 +59,17 @@ async def run_coordinator(
         async with asyncio.TaskGroup() as tasks:
             publisher = tasks.create_task(_republish(dht, manifest))
             observer = tasks.create_task(_observe(dht, manifest, observe_period))
+            archiver = tasks.create_task(archive.run()) if archive is not None else None
             await stop.wait()
-            publisher.cancel()
-            observer.cancel()
+            for task in (publisher, observer, archiver):
+                if task is not None:
+                    task.cancel()
     events.emit("stopped", role="coordinator", peer_id=identity.peer_id)
 
 
 async def _republish(dht: SwarmDHT, manifest: RunManifest) -> None:
     while True:
-        await asyncio.sleep(MANIFEST_TTL / 4)
+        await asyncio.sleep(MANIFEST_REFRESH)
         try:
             if not await publish_manifest(dht, manifest):
                 logger.warning("manifest refresh was not stored by any DHT node")
@@ -81,3 +91,4 @@ async def _observe(dht: SwarmDHT, manifest: RunManifest, period: float) -> None:
             f"stage {s}: {len(per_stage[s])} peers {throughput[s]:.1f}/s" for s in range(snapshot.num_stages)
         )
         logger.info("swarm: %s", summary)
+        events.emit("swarm", peers=[len(per_stage[s]) for s in range(snapshot.num_stages)], throughput=throughput)

@@ -27,6 +27,11 @@ def trainer_key(run_id: str) -> str:
     return f"{PREFIX}{run_id}/trainers"
 
 
+def archive_key(run_id: str) -> str:
+    """Stage state archives of a run (the coordinator's): subkey = peer id → `ArchiveRecord`."""
+    return f"{PREFIX}{run_id}/archive"
+
+
 def record_kind_for_key(key: str) -> str | None:
     """Which record type a key holds (used by the validator); None for non-swarmnet keys."""
     if key == MANIFESTS:
@@ -40,4 +45,6 @@ def record_kind_for_key(key: str) -> str | None:
         return "progress"
     if len(parts) == 2 and parts[1] == "trainers":
         return "trainer"
+    if len(parts) == 2 and parts[1] == "archive":
+        return "archive"
     return "unknown"

@@ -21,12 +21,42 @@ from swarmnet.errors import ManifestError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_TTL = 120.0
+MANIFEST_TTL = 6 * 3600.0
+"""Lifetime of a signed manifest record: the run outlives its coordinator this long. The
+coordinator re-signs it every `MANIFEST_REFRESH`; peers replicate the signed record unchanged
+every `MANIFEST_REPLICATE`, so it stays stored on live nodes when the coordinator is gone."""
+MANIFEST_REFRESH = 60.0
+MANIFEST_REPLICATE = 30.0
 
 
 async def publish_manifest(dht: SwarmDHT, manifest: RunManifest, ttl: float = MANIFEST_TTL) -> bool:
     record = ManifestRecord(run_id=manifest.run_id, manifest=manifest.to_dict())
     return await dht.put(keys.MANIFESTS, record, ttl)
+
+
+async def replicate_manifest(dht: SwarmDHT, run_id: str) -> int:
+    """Stores again every verified manifest record of `run_id` found in the DHT (see MANIFEST_TTL);
+    returns how many were stored."""
+    stored = 0
+    for signed in await dht.get(keys.MANIFESTS):
+        try:
+            if signed.record.verified_manifest().run_id != run_id:
+                continue
+        except RecordError:
+            continue
+        stored += await dht.replicate(signed)
+    return stored
+
+
+async def keep_manifest(dht: SwarmDHT, run_id: str, period: float = MANIFEST_REPLICATE) -> None:
+    """Replicates the run's manifest now and every `period` seconds until cancelled (peers run
+    this: a coordinator that dies right after the first peers joined has stored it only on itself)."""
+    while True:
+        try:
+            await replicate_manifest(dht, run_id)
+        except Exception as e:  # noqa: BLE001 - best effort; retried at the next period
+            logger.debug("could not replicate the manifest: %s", e)
+        await asyncio.sleep(period)
 
 
 def select_manifest(

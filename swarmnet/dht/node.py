@@ -92,6 +92,13 @@ class SwarmDHT:
         blob = encode_record(self.identity, key, record, expiration)
         return bool(await self.node.store(key, blob, expiration, subkey=self.peer_id))
 
+    async def replicate(self, signed: SignedRecord) -> bool:
+        """Stores someone else's signed record again, unchanged (same owner, same expiration), so
+        that it outlives the nodes that held it; the signature still proves who wrote it."""
+        if signed.blob is None or signed.expiration <= get_dht_time():
+            return False
+        return bool(await self.node.store(signed.key, signed.blob, signed.expiration, subkey=signed.peer_id))
+
     async def get(self, key: str) -> list[SignedRecord]:
         """Every live, verified record under `key` (invalid ones are already dropped by the DHT)."""
         found = await self.node.get(key, latest=True)

@@ -9,7 +9,7 @@ stored under a subkey equal to its signer's peer id.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
@@ -70,6 +70,9 @@ class ProgressRecord:
     """True once the peer has stopped serving this stage (shut down or moved)."""
     digest: str
     """sha256 of the peer's parameters at `epoch` (equal digests: identical replicas)."""
+    leaving: bool = False
+    """True while the peer drains before leaving (SIGTERM): trainers stop sending it new work, its
+    stage-mates still count it in the round that commits the gradients it holds."""
     round_nonce: str = ""
     """Set by the leader of a round (the smallest peer id of its members): a fresh value per
     attempt, which every member puts in the round id, so attempts never mix."""
@@ -85,6 +88,27 @@ class TrainerRecord:
     step: int
     loss: float
     samples_per_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchivedStage:
+    """One stage's state held by an archive: its step and its state digest."""
+
+    stage: int
+    step: int
+    digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchiveRecord:
+    """A node (the coordinator) that holds stage states of the run and serves them over the state
+    protocol, so that a stage whose every peer left can be restored."""
+
+    KIND: ClassVar[str] = "archive"
+    VERSION: ClassVar[int] = 1
+
+    stages: list[ArchivedStage]
+    maddrs: list[str]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +132,7 @@ class ManifestRecord:
 
 
 RECORD_TYPES: dict[str, type] = {
-    cls.KIND: cls for cls in (StageServerRecord, ProgressRecord, TrainerRecord, ManifestRecord)
+    cls.KIND: cls for cls in (StageServerRecord, ProgressRecord, TrainerRecord, ManifestRecord, ArchiveRecord)
 }
 
 
@@ -120,6 +144,8 @@ class SignedRecord:
     peer_id: str
     expiration: float
     record: Any
+    blob: bytes | None = field(default=None, compare=False, repr=False)
+    """The signed bytes as stored (to replicate the record unchanged)."""
 
 
 def encode_record(identity: Identity, key: str, record: Any, expiration: float) -> bytes:
@@ -151,4 +177,5 @@ def decode_record(blob: bytes) -> SignedRecord:
     signed = msgpack.packb(fields[:6], use_bin_type=True)
     if not verify_signature(peer_id, signed, signature):
         raise RecordError(f"invalid signature on {kind} record claimed by {peer_id}")
-    return SignedRecord(key=key, peer_id=peer_id, expiration=expiration, record=from_body(cls, body, RecordError))
+    record = from_body(cls, body, RecordError)
+    return SignedRecord(key=key, peer_id=peer_id, expiration=expiration, record=record, blob=bytes(blob))

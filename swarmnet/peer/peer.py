@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from swarmnet.averaging.allreduce import AllReduceServer
 from swarmnet.config import PeerConfig
 from swarmnet.dht.identity import Identity
-from swarmnet.dht.manifests import fetch_manifest, peer_ids_of
+from swarmnet.dht.manifests import fetch_manifest, keep_manifest, peer_ids_of
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.stages import read_swarm
 from swarmnet.errors import ConfigError
@@ -49,11 +49,17 @@ async def run_peer(
         elif not 0 <= stage < num_stages:
             raise ConfigError(f"--stage {stage} is outside 0..{num_stages - 1} for run {manifest.run_id}")
         metrics_addr = metrics.serve_metrics(config.host, config.metrics_port)
-        async with await AllReduceServer.create(host=config.host, port=config.averaging_port) as allreduce:
-            ctx = PeerContext(
-                dht=dht, manifest=manifest, config=config, allreduce=allreduce, metrics_addr=metrics_addr, launched=launched
-            )
-            while stage is not None and not stop.is_set():
-                logger.info("run %s (%s): serving stage %d of %d", manifest.run_id, manifest.name, stage, num_stages)
-                stage = await serve_stage(ctx, stage, stop)
+        # Every peer keeps the signed manifest stored on live DHT nodes, so that new peers can
+        # bootstrap from any of us after the coordinator is gone.
+        keeper = asyncio.create_task(keep_manifest(dht, manifest.run_id), name="keep-manifest")
+        try:
+            async with await AllReduceServer.create(host=config.host, port=config.averaging_port) as allreduce:
+                ctx = PeerContext(
+                    dht=dht, manifest=manifest, config=config, allreduce=allreduce, metrics_addr=metrics_addr, launched=launched
+                )
+                while stage is not None and not stop.is_set():
+                    logger.info("run %s (%s): serving stage %d of %d", manifest.run_id, manifest.name, stage, num_stages)
+                    stage = await serve_stage(ctx, stage, stop)
+        finally:
+            keeper.cancel()
     events.emit("stopped", role="peer", peer_id=identity.peer_id)

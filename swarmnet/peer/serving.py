@@ -54,6 +54,16 @@ class StageServing:
         self.target_spec = target_spec(manifest)
         self.on_backward: Callable[[], None] | None = None
         """Called (on the event loop) after every backward: the stage's averaging checks progress."""
+        self.draining = False
+        """Set while the peer leaves: new microbatches are refused (retryable), the backwards of
+        those it already holds are still served."""
+        self.in_flight = 0
+        """Forward/backward calls being computed now."""
+
+    @property
+    def idle(self) -> bool:
+        """No call in progress and no microbatch waiting for its backward."""
+        return self.in_flight == 0 and len(self.cache) == 0
 
     @property
     def queue_depth(self) -> int:
@@ -94,7 +104,18 @@ class StageServing:
     async def forward(
         self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
     ) -> ForwardResult:
+        if self.draining:
+            raise PeerUnavailableError("this peer is leaving the stage")
         self._check_values(x, "input")
+        self.in_flight += 1
+        try:
+            return await self._forward(client, request, x, targets)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward(
+        self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
+    ) -> ForwardResult:
         start = time.perf_counter()
         if targets is not None:
             _check_tokens(targets, self.manifest.model.vocab_size, "targets")
@@ -118,7 +139,11 @@ class StageServing:
         if len(x) != len(grad_output):
             raise BadRequestError("grad_output batch size differs from the forward's input")
         start = time.perf_counter()
-        result = await self.executor.run(self.computer.backward, x, grad_output)
+        self.in_flight += 1
+        try:
+            result = await self.executor.run(self.computer.backward, x, grad_output)
+        finally:
+            self.in_flight -= 1
         self.cache.pop(key)  # only now: a busy peer keeps the input for the retry
         self._observe("backward", len(x), start, stepped=result.stepped)
         self._backward_done()

@@ -1,10 +1,14 @@
 """Serving one stage, from joining it to leaving it (on shutdown or to move to another stage).
 
-Joining: build the stage from the manifest's seeded init; if the stage already has peers, announce
-`joining` progress, download the stage's state from them (several sources, verified) and load it;
-only then register the handlers and announce the stage record. Serving: heartbeat the record,
-run the stage's collaborative steps (`StageAverager`), and periodically consider moving to the
-bottleneck stage (`plan_move`). Leaving: withdraw (progress `left`), unregister, drain compute.
+Joining: build the stage from the manifest's seeded init, then take the newest state there is: the
+stage-mates' (announce `joining`, download from several of them, verified), or — when this peer's
+own checkpoint is newer, or the stage has no peers — the local checkpoint or the coordinator's
+archive, whichever is further along. Only then register the handlers and announce the stage record.
+Serving: heartbeat the record, run the stage's collaborative steps (`StageAverager`), save a
+checkpoint after every `checkpoint_every` steps, and periodically consider moving to the bottleneck
+stage (`plan_move`). Leaving (SIGTERM or a move): drain — announce `leaving` so trainers send no new
+work, answer the backwards of microbatches already here, take part in the round that commits our
+gradients — then save a last checkpoint, announce `left`, unregister and stop compute.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from swarmnet.averaging.allreduce import AllReduceServer
 from swarmnet.averaging.collaborative import StageAverager
@@ -25,9 +30,10 @@ from swarmnet.config import PeerConfig, RunManifest
 from swarmnet.dht import keys
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.records import StageServerRecord
-from swarmnet.dht.stages import read_stage, read_swarm
+from swarmnet.dht.stages import read_archives, read_stage, read_swarm
 from swarmnet.errors import StateSyncError
 from swarmnet.models.partition import build_stage
+from swarmnet.peer.checkpoint import CheckpointStore
 from swarmnet.peer.compute import StageComputer
 from swarmnet.peer.serving import StageServing
 from swarmnet.peer.throughput import measure_throughput
@@ -65,6 +71,16 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
     serving = StageServing(manifest, stage, computer, meter, config)
     executor = serving.executor
 
+    async def load(snapshot, source: str) -> None:
+        await executor.run(load_state, strategy.state_view(), snapshot)
+        await executor.run(strategy.after_state_loaded)
+        logger.info("stage %d: loaded state at step %d from %s", stage, strategy.epoch, source)
+
+    async def download(sources: list[tuple[str, list[str]]]):
+        return await download_state(
+            dht.p2p, sources, run_id=run_id, stage=stage, layout_check=functools.partial(check_entries, strategy.state_view())
+        )
+
     async def resync(only: list[str] | None = None) -> None:
         """Downloads the stage's state from stage-mates (retrying while mates come and go, e.g.
         peers that are themselves joining or moving away) and loads it. If the stage turns out
@@ -79,9 +95,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             if not sources:
                 return
             try:
-                result = await download_state(
-                    dht.p2p, sources, run_id=run_id, stage=stage, layout_check=functools.partial(check_entries, strategy.state_view())
-                )
+                result = await download(sources)
                 break
             except StateSyncError as e:
                 if attempt + 1 == SYNC_ATTEMPTS:
@@ -93,10 +107,41 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                     raise
                 logger.info("stage %d: state sync attempt %d failed (%s); retrying", stage, attempt + 1, e)
                 await asyncio.sleep(0.5 * 2**attempt)  # backoff while the stage's membership settles
-        await executor.run(load_state, strategy.state_view(), result.snapshot)
-        await executor.run(strategy.after_state_loaded)
+        await load(result.snapshot, f"{len(result.bytes_by_source)} stage-mate(s)")
         metrics.STATE_SYNC_SECONDS.observe(time.monotonic() - start)
-        logger.info("stage %d: loaded state at step %d (%d bytes) in %.2f s", stage, strategy.epoch, len(result.snapshot.data), time.monotonic() - start)
+        logger.info("stage %d: synced %d bytes in %.2f s", stage, len(result.snapshot.data), time.monotonic() - start)
+
+    store = CheckpointStore(Path(config.checkpoint_dir), run_id, keep=config.checkpoint_keep) if config.checkpoint_dir else None
+
+    async def restore() -> str:
+        """Loads the newest state available for joining the stage; returns where it came from."""
+        mates = [(info, record) for info, record in await read_stage(dht, run_id, stage) if info.peer_id != dht.peer_id]
+        local = await asyncio.to_thread(store.latest, stage) if store is not None else None
+        local_step = local.step if local is not None else -1
+        if mates:
+            if local_step > max(info.step for info, _ in mates) and await load_local(local):
+                return "checkpoint"
+            await averager.sync_from_mates()
+            return "peers"
+        archives = [a for a in await read_archives(dht, run_id, stage) if a[2] > max(local_step, 0)]
+        if archives:
+            try:
+                result = await download([(peer_id, maddrs) for peer_id, maddrs, _ in archives])
+                await load(result.snapshot, "the archive")
+                return "archive"
+            except StateSyncError as e:
+                logger.warning("stage %d: could not restore from the archive (%s)", stage, e)
+        if local is not None and await load_local(local):
+            return "checkpoint"
+        return "init"
+
+    async def load_local(snapshot) -> bool:
+        try:
+            await load(snapshot, "the local checkpoint")
+            return True
+        except StateSyncError as e:  # e.g. written by another version of the model code
+            logger.warning("stage %d: ignoring the local checkpoint at step %d: %s", stage, snapshot.step, e)
+            return False
 
     averager = StageAverager(
         dht=dht, manifest=manifest, stage=stage, strategy=strategy, executor=executor, server=ctx.allreduce, config=config, resync=resync
@@ -105,10 +150,10 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
     snapshots = _SnapshotCache(lambda: executor.run(snapshot_state, strategy.state_view()), lambda: strategy.epoch)
     state_servicer = StateServicer(run_id=run_id, stage=stage, get_snapshot=snapshots.get)
     stage_servicer = StageServicer(serving)
+    checkpoints = _Checkpointer(store, stage, snapshots, lambda: strategy.epoch, config.checkpoint_every)
     registered = False
     try:
-        if any(info.peer_id != dht.peer_id for info, _ in await read_stage(dht, run_id, stage)):
-            await averager.sync_from_mates()
+        origin = await restore()
         await stage_servicer.register(dht.p2p)
         await state_servicer.register(dht.p2p)
         registered = True
@@ -142,6 +187,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             run_id=run_id,
             step=averager.digest_epoch,
             digest=averager.digest,
+            origin=origin,
             maddrs=maddrs,
             metrics=ctx.metrics_addr,
             throughput=meter.samples_per_s,
@@ -156,13 +202,19 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 tasks.create_task(_heartbeat(dht, key, record, config)),
                 tasks.create_task(averager.run()),
             ]
-            if config.rebalance_period:
-                background.append(tasks.create_task(_rebalance(ctx, stage, move, target)))
+            if store is not None:
+                background.append(tasks.create_task(checkpoints.run(config.progress_period)))
+            rebalancer = tasks.create_task(_rebalance(ctx, stage, move, target)) if config.rebalance_period else None
             stopper = tasks.create_task(stop.wait())
             mover = tasks.create_task(move.wait())
             await asyncio.wait([stopper, mover], return_when=asyncio.FIRST_COMPLETED)
-            for task in background + [stopper, mover]:
+            for task in [stopper, mover, rebalancer]:
+                if task is not None:
+                    task.cancel()
+            await _drain(serving, averager, config.leave_timeout, stage)
+            for task in background:
                 task.cancel()
+        await checkpoints.save_now()
         if target:
             logger.info("moving from stage %d to stage %d", stage, target[0])
             events.emit("moving", role="peer", peer_id=dht.peer_id, stage=stage, to=target[0])
@@ -173,6 +225,60 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             await _quietly(stage_servicer.unregister(dht.p2p))
             await _quietly(state_servicer.unregister(dht.p2p))
         serving.shutdown()
+
+
+async def _drain(serving: StageServing, averager: StageAverager, timeout: float, stage: int) -> None:
+    """Leaves without losing work, within `timeout`: no new microbatches (announced `leaving`),
+    the backwards of held microbatches answered, our accumulated gradients committed by a round
+    with the stage-mates (if we have any)."""
+    serving.draining = True
+    averager.leaving = True
+    start = time.monotonic()
+    try:
+        await averager.publish_progress(force=True)
+    except Exception as e:  # noqa: BLE001 - leaving must not fail
+        logger.debug("could not announce leaving: %s", e)
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        if serving.idle and (averager.strategy.samples == 0 or averager.alone):
+            break
+        await asyncio.sleep(0.05)  # polls local counters only
+    logger.info(
+        "stage %d: drained in %.2f s (%d calls in progress, %d microbatches held, %d samples not committed)",
+        stage, time.monotonic() - start, serving.in_flight, len(serving.cache), averager.strategy.samples,
+    )
+    events.emit("drained", stage=stage, seconds=round(time.monotonic() - start, 3), uncommitted=averager.strategy.samples)
+
+
+class _Checkpointer:
+    """Saves the stage's state every `every` steps, atomically, off the event loop."""
+
+    def __init__(self, store: CheckpointStore | None, stage: int, snapshots, epoch, every: int):
+        self.store = store
+        self.stage = stage
+        self.snapshots = snapshots
+        self.epoch = epoch
+        self.every = max(1, every)
+        self.saved = -1
+
+    async def run(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)  # polls a local counter
+            if self.epoch() >= self.saved + self.every:
+                await self.save_now()
+
+    async def save_now(self) -> None:
+        if self.store is None or self.epoch() == self.saved:
+            return
+        try:
+            snapshot = await self.snapshots.get()
+            await asyncio.to_thread(self.store.save, self.stage, snapshot)
+        except Exception as e:  # noqa: BLE001 - a failed save is retried at the next step
+            logger.warning("stage %d: could not save a checkpoint: %s", self.stage, e)
+            return
+        self.saved = snapshot.step
+        metrics.CHECKPOINTS_SAVED.inc()
+        events.emit("checkpoint", stage=self.stage, step=snapshot.step, digest=snapshot.digest)
 
 
 class _SnapshotCache:

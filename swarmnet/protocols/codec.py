@@ -15,15 +15,15 @@ from typing import Any
 
 def to_body(obj: Any) -> dict:
     """A dataclass instance as a msgpack-ready map (nested dataclasses become maps)."""
-    body = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            value = to_body(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        body[f.name] = value
-    return body
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return to_body(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def from_body(cls: type, body: Any, error: type[Exception]) -> Any:

@@ -162,6 +162,10 @@ class StateServicer:
         async with asyncio.timeout(REQUEST_READ_TIMEOUT):
             request = await stream.receive_message(StateInfoRequest, StateRangeRequest)
         self._check_target(request.run_id, request.stage)
+        await self.answer(client, stream, request)
+
+    async def answer(self, client: str, stream: StateStream, request: StateInfoRequest | StateRangeRequest) -> None:
+        """Answers one request already read from `stream` (and addressed to this servicer)."""
         if isinstance(request, StateInfoRequest):
             held = await self._current()
             snapshot = held.snapshot
@@ -242,6 +246,41 @@ class StateServicer:
             if oldest == keep_digest:
                 break
             del self._held[oldest]
+
+
+class StateRouter:
+    """One `/swarmnet/state/1` handler in front of the servicers of several stages (an archive
+    serves every stage of a run from one host)."""
+
+    def __init__(self) -> None:
+        self._servicers: dict[tuple[str, int], StateServicer] = {}
+
+    def add(self, servicer: StateServicer) -> None:
+        self._servicers[(servicer.run_id, servicer.stage)] = servicer
+
+    def get(self, run_id: str, stage: int) -> StateServicer | None:
+        return self._servicers.get((run_id, stage))
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+
+    async def unregister(self, p2p: P2P) -> None:
+        await p2p.remove_binary_stream_handler(PROTOCOL)
+
+    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = str(info.peer_id)
+        stream = StateStream(reader, writer, peer=client)
+        await serve_stream(stream, lambda: self._serve(client, stream), what="state")
+
+    async def _serve(self, client: str, stream: StateStream) -> None:
+        async with asyncio.timeout(REQUEST_READ_TIMEOUT):
+            request = await stream.receive_message(StateInfoRequest, StateRangeRequest)
+        servicer = self._servicers.get((request.run_id, request.stage))
+        if servicer is None:
+            if not any(run_id == request.run_id for run_id, _ in self._servicers):
+                raise UnknownRunError(f"no state of run {request.run_id[:80]!r} here")
+            raise PeerUnavailableError(f"no state of stage {request.stage} here")
+        await servicer.answer(client, stream, request)
 
 
 class StateStub:

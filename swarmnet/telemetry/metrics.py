@@ -27,6 +27,11 @@ AVERAGING_SECONDS = Histogram(
 STATE_SYNC_SECONDS = Histogram(
     "swarmnet_state_sync_seconds", "Time to download and load a stage's state", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 )
+CHECKPOINTS_SAVED = Counter("swarmnet_checkpoints_saved_total", "Stage checkpoints written by this peer")
+ARCHIVED_STEP = Gauge("swarmnet_archive_step", "Step of the archived state of each stage (coordinator)", ["stage"])
+SUSPECTED_PEERS = Counter(
+    "swarmnet_averaging_suspected_peers_total", "Stage-mates left out of rounds because they did not answer a ping"
+)
 TRAINER_LOSS = Gauge("swarmnet_trainer_loss", "Mean training loss of the last step")
 TRAINER_SAMPLES = Counter("swarmnet_trainer_samples_total", "Samples completed by this trainer")
 TRAINER_DROPPED = Counter("swarmnet_trainer_microbatches_dropped_total", "Microbatches given up after retries")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,17 @@ STARTUP_TIMEOUT = 90.0
 
 
 class LocalSwarm:
-    def __init__(self, manifest: RunManifest, *, workdir: str | Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        manifest: RunManifest,
+        *,
+        workdir: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.manifest = manifest
+        self.host = host
+        """Interface every process listens on (a veth address when a test partitions peers)."""
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="swarmnet-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -37,34 +47,49 @@ class LocalSwarm:
             raise RuntimeError("the coordinator is not running")
         return list(self.coordinator.ready["maddrs"])
 
-    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> ManagedProcess:
+    def spawn(
+        self, name: str, *args: str, env: dict[str, str] | None = None, wrap: Callable[[list[str]], list[str]] | None = None
+    ) -> ManagedProcess:
+        """Starts `swarmnet *args`; `wrap` rewrites the command (e.g. to run it in a namespace)."""
         self._count += 1
+        command = swarmnet_command(*args)
         process = ManagedProcess(
-            f"{self._count:02d}-{name}", swarmnet_command(*args), log_dir=self.workdir, env={**self.env, **(env or {})}
+            f"{self._count:02d}-{name}", wrap(command) if wrap else command, log_dir=self.workdir,
+            env={**self.env, **(env or {})},
         )
         self.processes.append(process)
         return process
 
     def start_coordinator(self, *extra: str, wait: bool = True) -> ManagedProcess:
+        """Starts (or restarts: same identity key) the coordinator."""
         self.coordinator = self.spawn(
-            "coordinator", "coordinator", "--run", str(self.run_path), "--identity", str(self.workdir / "coordinator.key"), *extra
+            "coordinator", "coordinator", "--run", str(self.run_path), "--identity", str(self.workdir / "coordinator.key"),
+            "--host", self.host, *extra,
         )
         if wait:
             self.coordinator.wait_event("ready", STARTUP_TIMEOUT)
         return self.coordinator
 
     def start_peer(
-        self, stage: int | str = "auto", *extra: str, wait: bool = True, env: dict[str, str] | None = None
+        self,
+        stage: int | str = "auto",
+        *extra: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        initial_peers: list[str] | None = None,
+        host: str | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> ManagedProcess:
         peer = self.spawn(
-            f"peer-s{stage}", "join", "--initial-peers", *self.initial_peers, "--stage", str(stage), *extra, env=env
+            f"peer-s{stage}", "join", "--initial-peers", *(initial_peers or self.initial_peers), "--stage", str(stage),
+            "--host", host or self.host, *extra, env=env, wrap=wrap,
         )
         if wait:
             peer.wait_event("ready", STARTUP_TIMEOUT)
         return peer
 
-    def start_trainer(self, *extra: str) -> ManagedProcess:
-        return self.spawn("trainer", "train", "--initial-peers", *self.initial_peers, *extra)
+    def start_trainer(self, *extra: str, initial_peers: list[str] | None = None) -> ManagedProcess:
+        return self.spawn("trainer", "train", "--initial-peers", *(initial_peers or self.initial_peers), "--host", self.host, *extra)
 
     def start_peers(self, stages: list[int | str], *extra: str) -> list[ManagedProcess]:
         """Starts several peers at once, then waits until each is serving."""

@@ -10,7 +10,7 @@ from hivemind.utils import get_dht_time
 
 from swarmnet.config import RunManifest
 from swarmnet.dht.node import SwarmDHT
-from swarmnet.dht.stages import read_stage
+from swarmnet.dht.stages import read_stage_and_progress
 from swarmnet.pipeline.snapshot import PeerInfo
 from swarmnet.protocols.stage import StageStub
 
@@ -44,14 +44,18 @@ class StageDirectory:
         return self._stubs[peer_id]
 
     async def _refresh(self, stage: int) -> None:
-        """Merges fresh records with known ones; a peer is forgotten only when its record expires."""
+        """Merges fresh records with known ones; a peer is forgotten when its record expires or
+        when it announces that it left or is leaving the stage."""
         now = get_dht_time()
         known = {p.peer_id: p for p in self._peers.get(stage, []) if p.expires_at > now}
         try:
-            found = await read_stage(self.dht, self.manifest.run_id, stage)
+            found, progress = await read_stage_and_progress(self.dht, self.manifest.run_id, stage)
         except Exception as e:  # a failed DHT read leaves the known peers in place
             logger.warning("could not read stage %d from the DHT: %s", stage, e)
-            found = []
+            found, progress = [], []
+        for signed in progress:
+            if signed.record.left or signed.record.leaving:
+                known.pop(signed.peer_id, None)
         for info, record in found:
             known[info.peer_id] = info
             stub = self._stubs.get(info.peer_id)

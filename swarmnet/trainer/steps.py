@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StepReport:
     step: int
-    """Steps completed so far (1 after the first)."""
+    """The run's steps completed so far (1 after the first; a resumed trainer goes on counting from
+    where the swarm's stages are)."""
     loss: float
     """Mean loss of this step's completed microbatches (NaN if all were dropped)."""
     samples: int
@@ -36,6 +37,8 @@ class StepReport:
     samples_per_s: float
     """Samples completed per second of wall time since training began."""
     elapsed: float
+    slowest_microbatch_s: float = 0.0
+    """Longest time one microbatch of this step took from start to completion or drop."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class TrainingSummary:
     initial_loss: float
     final_loss: float
     steps: int
+    first_step: int
+    """Step the trainer started from (0, or where the swarm was when it resumed)."""
     samples_per_s: float
     dropped: int
     elapsed: float
@@ -58,20 +63,26 @@ class StepRunner(ABC):
     async def run_microbatch(self, mb: Microbatch) -> float:
         """Forward and backward of one microbatch through every stage; returns its loss."""
 
+    async def start_step(self) -> int:
+        """The step to start from (its data comes next): 0 unless the trainer resumes a run."""
+        return 0
+
     async def train(
         self, *, stop: asyncio.Event | None = None, on_step: Callable[[StepReport], Awaitable[None]] | None = None
     ) -> TrainingSummary:
         per_step = self.manifest.microbatches_per_step
         max_steps, max_seconds = self.config.max_steps, self.config.max_seconds
+        first_step = step = await self.start_step()
         start = time.monotonic()
         reports: list[StepReport] = []
         total_samples = dropped_total = 0
-        step = 0
-        while (max_steps is None or step < max_steps) and not (stop is not None and stop.is_set()):
+        while (max_steps is None or step - first_step < max_steps) and not (stop is not None and stop.is_set()):
             if max_seconds is not None and time.monotonic() - start >= max_seconds:
                 break
             step_start = time.monotonic()
-            losses, dropped = await self._run_step([self.data.microbatch(step * per_step + i) for i in range(per_step)])
+            losses, dropped, slowest = await self._run_step(
+                [self.data.microbatch(step * per_step + i) for i in range(per_step)]
+            )
             step += 1
             samples = len(losses) * self.manifest.training.microbatch_size
             total_samples += samples
@@ -85,6 +96,7 @@ class StepRunner(ABC):
                 step_seconds=now - step_start,
                 samples_per_s=total_samples / max(now - start, 1e-9),
                 elapsed=now - start,
+                slowest_microbatch_s=slowest,
             )
             reports.append(report)
             metrics.TRAINER_SAMPLES.inc(samples)
@@ -97,28 +109,35 @@ class StepRunner(ABC):
         return TrainingSummary(
             initial_loss=finite[0] if finite else math.nan,
             final_loss=finite[-1] if finite else math.nan,
-            steps=step,
+            steps=step - first_step,
+            first_step=first_step,
             samples_per_s=total_samples / max(elapsed, 1e-9),
             dropped=dropped_total,
             elapsed=elapsed,
         )
 
-    async def _run_step(self, microbatches: list[Microbatch]) -> tuple[list[float], int]:
+    async def _run_step(self, microbatches: list[Microbatch]) -> tuple[list[float], int, float]:
+        """Runs one step's microbatches; returns their losses, how many were dropped, and the
+        longest time one of them took."""
         gate = asyncio.Semaphore(self.config.max_in_flight)
         losses: dict[int, float] = {}
         dropped = 0
+        slowest = 0.0
 
         async def one(mb: Microbatch) -> None:
-            nonlocal dropped
+            nonlocal dropped, slowest
             async with gate:
+                began = time.monotonic()
                 try:
                     losses[mb.index] = await self.run_microbatch(mb)
                 except (SwarmnetError, TimeoutError, OSError) as e:
                     dropped += 1
                     metrics.TRAINER_DROPPED.inc()
                     logger.warning("dropped microbatch %d: %s", mb.index, e)
+                finally:
+                    slowest = max(slowest, time.monotonic() - began)
 
         async with asyncio.TaskGroup() as tasks:
             for mb in microbatches:
                 tasks.create_task(one(mb))
-        return [losses[i] for i in sorted(losses)], dropped
+        return [losses[i] for i in sorted(losses)], dropped, slowest

@@ -48,6 +48,26 @@ class SwarmTrainer(StepRunner):
         self.session = secrets.token_hex(4)
         self.num_stages = manifest.training.num_stages
         self.order = GradientOrder()
+        self.resume = config.resume
+        self.resume_wait = config.manifest_timeout
+        """How long to wait for every stage to have a peer before choosing the start step."""
+
+    async def start_step(self) -> int:
+        """Resumes where the swarm is: the lowest step among the stages (each stage at its most
+        advanced peer), so that no stage's data is skipped after a restart; 0 for a new run."""
+        if not self.resume:
+            return 0
+        deadline = asyncio.get_running_loop().time() + self.resume_wait
+        while True:
+            per_stage = [await self.directory.peers(stage, force=True) for stage in range(self.num_stages)]
+            if all(per_stage) or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.5)  # polls the DHT while the stages' peers announce themselves
+        steps = [max(p.step for p in peers) for peers in per_stage if peers]
+        step = min(steps) if len(steps) == self.num_stages else 0
+        if step:
+            logger.info("resuming the run at step %d (stages at %s)", step, steps)
+        return step
 
     async def run_microbatch(self, mb: Microbatch) -> float:
         self.order.begin(mb.index)

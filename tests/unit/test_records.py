@@ -20,7 +20,10 @@ from swarmnet.dht.identity import Identity, public_key_from_peer_id, verify_sign
 from swarmnet.dht.manifests import peer_ids_of, select_manifest
 from swarmnet.dht.records import (
     MAX_RECORD_BYTES,
+    ArchivedStage,
+    ArchiveRecord,
     ManifestRecord,
+    ProgressRecord,
     RecordError,
     SignedRecord,
     StageServerRecord,
@@ -82,6 +85,14 @@ PLACED = {
     ),
     "trainer": (keys.trainer_key(RUN_ID), TrainerRecord(step=3, loss=2.5, samples_per_s=40.0)),
     "manifest": (keys.MANIFESTS, manifest_record()),
+    "archive": (
+        keys.archive_key(RUN_ID),
+        ArchiveRecord(stages=[ArchivedStage(stage=0, step=7, digest="ab" * 32)], maddrs=["/ip4/127.0.0.1/tcp/1"]),
+    ),
+    "progress_leaving": (
+        keys.progress_key(RUN_ID, 1),
+        ProgressRecord(epoch=3, samples=8, joining=False, left=False, digest="cd" * 32, leaving=True),
+    ),
 }
 
 

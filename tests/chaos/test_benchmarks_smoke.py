@@ -1,0 +1,36 @@
+"""The churn benchmark runs end to end (`--smoke`: a tiny model, seconds per phase) and writes its
+result. Only the shape of the result is checked: speed is never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {
+    "benchmark", "when", "machine", "run_id", "stages", "peers_per_stage", "kill_every_s", "steady_seconds",
+    "churn_seconds", "kills", "steady_samples_per_s", "churn_samples_per_s", "goodput_ratio",
+    "steady_dropped_microbatches", "churn_dropped_microbatches", "steady_slowest_microbatch_s",
+    "churn_slowest_microbatch_s", "restarted_peer_startup_s", "initial_loss", "final_loss",
+}
+
+
+def test_churn_benchmark_smoke(tmp_path):
+    out, logs = tmp_path / "churn.json", tmp_path / "swarm"  # the processes' logs stay there
+    done = subprocess.run(
+        [sys.executable, "benchmarks/churn.py", "--smoke", "--out", str(out), "--workdir", str(logs)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert KEYS <= result.keys(), KEYS - result.keys()
+    assert result["benchmark"] == "churn" and result["kills"] >= 1
+    assert len(result["restarted_peer_startup_s"]) == result["kills"]
+    assert math.isfinite(result["goodput_ratio"]) and result["goodput_ratio"] > 0, result
