@@ -38,7 +38,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import torch
 
@@ -54,6 +54,8 @@ from swarmnet.averaging.wire import (
     STOP_POLL,
     AveragingError,
     Done,
+    Handoff,
+    HandoffAck,
     Hello,
     Member,
     PartDigest,
@@ -61,8 +63,10 @@ from swarmnet.averaging.wire import (
     Pong,
     Welcome,
     group_digest,
+    recv_exactly,
     recv_into,
     recv_message,
+    send_all,
     send_message,
     send_refusal,
     tensor_view,
@@ -329,6 +333,8 @@ class AllReduceServer:
         self._pending = 0
         self._closing = False
         self._serving: asyncio.Task | None = None
+        self.handoff_target: HandoffTarget | None = None
+        """Who takes gradients handed off by leaving stage-mates (the stage being served)."""
 
     @classmethod
     async def create(
@@ -402,10 +408,13 @@ class AllReduceServer:
         handed_over = False
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
-                hello = await recv_message(conn, (Hello, Ping))
+                hello = await recv_message(conn, (Hello, Ping, Handoff))
             if isinstance(hello, Ping):
                 async with asyncio.timeout(1.0):
                     await send_message(conn, Pong())
+                return
+            if isinstance(hello, Handoff):
+                await self._take_handoff(conn, hello)
                 return
             round_ = await self._wait_for_round(hello.round_id)
             reason = "unknown or closed round" if round_ is None else round_.admit(hello, conn)
@@ -423,6 +432,17 @@ class AllReduceServer:
             if not handed_over:
                 conn.close()
 
+    async def _take_handoff(self, conn: socket.socket, handoff: Handoff) -> None:
+        target = self.handoff_target
+        reason = "this peer takes no handoffs now" if target is None else target.check_handoff(handoff)
+        if reason is None:
+            tensor = torch.empty(handoff.numel, dtype=torch.float32)
+            async with asyncio.timeout(HELLO_TIMEOUT + handoff.numel * 4 / 50e6):  # >= 50 MB/s
+                await recv_exactly(conn, tensor_view(tensor))
+            reason = await target.accept_handoff(handoff, tensor)
+        async with asyncio.timeout(HELLO_TIMEOUT):
+            await send_message(conn, HandoffAck(accepted=reason is None, reason=reason or ""))
+
     async def _wait_for_round(self, round_id: str) -> _Round | None:
         try:
             async with asyncio.timeout(self._pending_timeout):
@@ -433,6 +453,33 @@ class AllReduceServer:
         except TimeoutError:
             return None
         return self._rounds[round_id]
+
+
+class HandoffTarget(Protocol):
+    def check_handoff(self, handoff: Handoff) -> str | None:
+        """Why the handoff is refused before its data is read (None: accept the data)."""
+
+    async def accept_handoff(self, handoff: Handoff, tensor: torch.Tensor) -> str | None:
+        """Takes the handed-off sums; returns why not (None: taken)."""
+
+
+async def hand_off(host: str, port: int, handoff: Handoff, tensor: torch.Tensor, timeout: float = 30.0) -> str | None:
+    """Sends a handoff to a stage-mate's all-reduce server; None if it took it, else why not."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (host, port))
+            tune(sock)
+            await send_message(sock, handoff)
+            await send_all(sock, tensor_view(tensor.contiguous()))
+            ack = await recv_message(sock, HandoffAck)
+        return None if ack.accepted else ack.reason or "refused"
+    except (OSError, EOFError, SwarmnetError) as e:  # TimeoutError is an OSError
+        return f"{type(e).__name__}: {e}"
+    finally:
+        sock.close()
 
 
 async def ping(host: str, port: int, timeout: float = 3.0) -> str | None:

@@ -28,9 +28,10 @@ from collections import Counter
 
 import torch
 
-from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce, ping
+from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce, hand_off, ping
 from swarmnet.averaging.progress import ProgressInfo, is_behind, lagging_peers, ready_to_step, round_members
 from swarmnet.averaging.strategies import Strategy
+from swarmnet.averaging.wire import Handoff
 from swarmnet.config import PeerConfig, RunManifest
 from swarmnet.dht import keys
 from swarmnet.dht.node import SwarmDHT
@@ -70,6 +71,9 @@ class StageAverager:
         self.wake = asyncio.Event()
         self.alone = False
         """No live stage-mate at the last check (the compute thread steps on its own)."""
+        self.in_round = False
+        """An all-reduce round of ours is in progress."""
+        self._addresses: dict[str, str] = {}
         self.leaving = False
         """Set when the peer drains before leaving: published in our progress records."""
         self.excluded: set[str] = set()
@@ -183,6 +187,7 @@ class StageAverager:
         servers, records = await read_stage_and_progress(self.dht, self.manifest.run_id, self.stage, include_leaving=True)
         others = self._parse_progress(records)
         addresses = {info.peer_id: record.averaging_addr for info, record in servers if record.averaging_addr}
+        self._addresses = addresses
         if self.epoch != self._excluded_epoch:
             self.excluded.clear()
             self._attempted.clear()
@@ -290,6 +295,13 @@ class StageAverager:
             group.append(Member(peer_id=pid, host=host, port=port))
         group_hash = hashlib.sha256(",".join(members).encode()).hexdigest()[:12]
         round_id = f"{self.manifest.run_id}/{self.stage}/{epoch}/{group_hash}/{nonce}"
+        self.in_round = True
+        try:
+            await self._reduce(group, round_id, members.index(me), epoch)
+        finally:
+            self.in_round = False
+
+    async def _reduce(self, group: list[Member], round_id: str, my_index: int, epoch: int) -> None:
         tensor, weight = await self.executor.run(self.strategy.freeze)
         start = time.perf_counter()
         events.emit("round", stage=self.stage, epoch=epoch, members=len(group))
@@ -300,7 +312,7 @@ class StageAverager:
                 self.server,
                 round_id=round_id,
                 members=group,
-                my_index=members.index(me),
+                my_index=my_index,
                 tensor=tensor,
                 weight=float(weight),
                 timeout=self.manifest.averaging.round_timeout,
@@ -308,7 +320,7 @@ class StageAverager:
             )
         except AveragingError as e:
             await self.executor.run(self.strategy.unfreeze, tensor, weight)
-            dead = await _unresponsive([m for m in group if m.peer_id != me])
+            dead = await _unresponsive([m for m in group if m.peer_id != self.dht.peer_id])
             self.excluded.update(dead)
             for pid, reason in dead.items():
                 if reason != "refused":
@@ -328,6 +340,56 @@ class StageAverager:
         logger.info("stage %d step %d: averaged %d samples over %d peers in %.3f s", self.stage, self.epoch, int(total_weight), len(group), seconds)
         events.emit("stepped", stage=self.stage, epoch=self.digest_epoch, digest=self.digest, members=len(group))
         await self.publish_progress(force=True)
+
+    # --- handing gradients over when leaving ------------------------------------------------------
+
+    def check_handoff(self, handoff: Handoff) -> str | None:
+        """Called by the all-reduce server before it reads a handoff's data."""
+        if handoff.run_id != self.manifest.run_id or handoff.stage != self.stage:
+            return f"this peer serves stage {self.stage} of run {self.manifest.run_id}"
+        if self.leaving:
+            return "this peer is leaving too"
+        if handoff.epoch != self.epoch:
+            return f"this peer is at step {self.epoch}, not {handoff.epoch}"
+        if self.strategy.handoff_numel is None or handoff.numel != self.strategy.handoff_numel:
+            return "this stage takes no handoff of that size"
+        if not 0 < handoff.weight <= self.manifest.training.target_batch_size:
+            return f"handoff of {handoff.weight} samples is out of range"
+        return None
+
+    async def accept_handoff(self, handoff: Handoff, tensor: torch.Tensor) -> str | None:
+        if not bool(torch.isfinite(tensor).all()):
+            return "handed-off gradients are not finite"
+        if handoff.epoch != self.epoch or self.in_round:
+            return "this peer stepped meanwhile"
+        await self.executor.run(self.strategy.unfreeze, tensor, int(handoff.weight))
+        logger.info("stage %d: took over %d samples' gradients from a leaving stage-mate", self.stage, int(handoff.weight))
+        self.wake.set()
+        return None
+
+    async def hand_off(self) -> int:
+        """Leaving: gives our accumulated gradients to a live stage-mate at our step, so their
+        samples still count; returns the samples handed over (0 if none, or nobody took them)."""
+        if self.strategy.handoff_numel is None or self.strategy.samples == 0:
+            return 0
+        mates = [
+            pid
+            for pid, (epoch, _) in self._digests.items()
+            if epoch == self.epoch and pid in self._addresses and pid not in self.excluded and pid not in self.suspects
+        ]
+        if not mates:
+            return 0
+        tensor, weight = await self.executor.run(self.strategy.freeze)
+        handoff = Handoff(run_id=self.manifest.run_id, stage=self.stage, epoch=self.epoch, numel=tensor.numel(), weight=float(weight))
+        for pid in mates:
+            host, port = _split_addr(self._addresses[pid])
+            reason = await hand_off(host, port, handoff, tensor)
+            if reason is None:
+                logger.info("stage %d: handed %d samples' gradients to %s", self.stage, weight, pid[-6:])
+                return weight
+            logger.info("stage %d: %s did not take our gradients: %s", self.stage, pid[-6:], reason)
+        await self.executor.run(self.strategy.unfreeze, tensor, weight)
+        return 0
 
 
 def _split_addr(addr: str) -> tuple[str, int]:

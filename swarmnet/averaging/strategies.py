@@ -66,6 +66,11 @@ class GradientAveraging:
     def set_alone(self, alone: bool) -> None:
         self.computer.auto_step = alone
 
+    @property
+    def handoff_numel(self) -> int | None:
+        """Size of the gradient sums a leaving peer hands to a stage-mate (None: no handoffs)."""
+        return sum(p.numel() for p in self.computer.module.parameters())
+
     def freeze(self) -> tuple[torch.Tensor, int]:  # compute thread
         return self.computer.freeze_gradients()
 
@@ -93,6 +98,8 @@ class DilocoAveraging:
     identical at each outer step (the anchor); the inner optimizer state stays local."""
 
     steps_alone_inline = False
+    handoff_numel = None
+    """Inner steps are local: there are no pending gradients to hand over when leaving."""
 
     def __init__(self, computer: StageComputer, config: AveragingConfig):
         self.computer = computer

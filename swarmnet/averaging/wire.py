@@ -79,6 +79,27 @@ class Pong:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Handoff:
+    """A leaving peer's accumulated gradient sums towards its stage's next step, handed to a
+    stage-mate (followed by `numel` raw float32 values): the mate adds them to its own
+    accumulator, so a graceful leave loses no computed sample."""
+
+    run_id: str
+    stage: int
+    epoch: int
+    numel: int
+    weight: float
+    """Samples the sums cover."""
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandoffAck:
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Welcome:
     round_id: str
 

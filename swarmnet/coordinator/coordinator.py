@@ -34,9 +34,7 @@ async def run_coordinator(
     archive_dir: str | None = None,
     archive_period: float = 30.0,
 ) -> None:
-    dht = await SwarmDHT.create(
-        identity=identity, initial_peers=initial_peers, host=host, port=port, check_identity=bool(initial_peers)
-    )
+    dht = await SwarmDHT.create(identity=identity, initial_peers=initial_peers, host=host, port=port)
     async with dht:
         await publish_manifest(dht, manifest)
         archive = None

@@ -39,7 +39,6 @@ class SwarmDHT:
         host: str = "127.0.0.1",
         port: int = 0,
         client_mode: bool = False,
-        check_identity: bool = False,
     ) -> "SwarmDHT":
         """Starts p2pd and the DHT node; `initial_peers` empty starts a new swarm."""
         initial_peers = list(initial_peers)
@@ -48,7 +47,9 @@ class SwarmDHT:
                 initial_peers=initial_peers,
                 host_maddrs=[f"/ip4/{host}/tcp/{port}"],
                 identity_path=str(identity.path),
-                check_if_identity_free=check_identity,
+                # hivemind's "is this identity taken" probe only reads RSA keys, and a restarted
+                # coordinator re-attaching under its own identity is exactly what we want.
+                check_if_identity_free=False,
                 # Local swarms and LANs: no UPnP probing or relays unless asked for.
                 nat_port_map=False,
                 use_relay=False,

@@ -59,11 +59,15 @@ class StageServing:
         those it already holds are still served."""
         self.in_flight = 0
         """Forward/backward calls being computed now."""
+        self.last_call = time.monotonic()
+        """When the last forward/backward call finished."""
 
-    @property
-    def idle(self) -> bool:
-        """No call in progress and no microbatch waiting for its backward."""
-        return self.in_flight == 0 and len(self.cache) == 0
+    def idle(self, quiet: float) -> bool:
+        """No call in progress, and no microbatch waiting for its backward — or none for `quiet`
+        seconds (its trainer is gone or replays it elsewhere)."""
+        if self.in_flight:
+            return False
+        return len(self.cache) == 0 or time.monotonic() - self.last_call >= quiet
 
     @property
     def queue_depth(self) -> int:
@@ -112,6 +116,7 @@ class StageServing:
             return await self._forward(client, request, x, targets)
         finally:
             self.in_flight -= 1
+            self.last_call = time.monotonic()
 
     async def _forward(
         self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
@@ -144,6 +149,7 @@ class StageServing:
             result = await self.executor.run(self.computer.backward, x, grad_output)
         finally:
             self.in_flight -= 1
+            self.last_call = time.monotonic()
         self.cache.pop(key)  # only now: a busy peer keeps the input for the retry
         self._observe("backward", len(x), start, stepped=result.stepped)
         self._backward_done()

@@ -7,8 +7,9 @@ archive, whichever is further along. Only then register the handlers and announc
 Serving: heartbeat the record, run the stage's collaborative steps (`StageAverager`), save a
 checkpoint after every `checkpoint_every` steps, and periodically consider moving to the bottleneck
 stage (`plan_move`). Leaving (SIGTERM or a move): drain — announce `leaving` so trainers send no new
-work, answer the backwards of microbatches already here, take part in the round that commits our
-gradients — then save a last checkpoint, announce `left`, unregister and stop compute.
+work, answer the backwards of microbatches already here, let a round in progress finish — then hand
+the gradients accumulated towards the next step to a stage-mate (so their samples still count), save
+a last checkpoint, announce `left`, unregister and stop compute.
 """
 
 from __future__ import annotations
@@ -198,10 +199,9 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         move = asyncio.Event()
         target: list[int] = []
         async with asyncio.TaskGroup() as tasks:
-            background = [
-                tasks.create_task(_heartbeat(dht, key, record, config)),
-                tasks.create_task(averager.run()),
-            ]
+            averaging = tasks.create_task(averager.run())
+            background = [tasks.create_task(_heartbeat(dht, key, record, config)), averaging]
+            ctx.allreduce.handoff_target = averager
             if store is not None:
                 background.append(tasks.create_task(checkpoints.run(config.progress_period)))
             rebalancer = tasks.create_task(_rebalance(ctx, stage, move, target)) if config.rebalance_period else None
@@ -212,6 +212,11 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 if task is not None:
                     task.cancel()
             await _drain(serving, averager, config.leave_timeout, stage)
+            averaging.cancel()
+            await asyncio.wait([averaging])
+            ctx.allreduce.handoff_target = None
+            handed = await averager.hand_off()
+            events.emit("drained", stage=stage, handed_off=handed, uncommitted=averager.strategy.samples)
             for task in background:
                 task.cancel()
         await checkpoints.save_now()
@@ -220,6 +225,8 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             events.emit("moving", role="peer", peer_id=dht.peer_id, stage=stage, to=target[0])
         return target[0] if target else None
     finally:
+        if ctx.allreduce.handoff_target is averager:
+            ctx.allreduce.handoff_target = None
         await averager.publish_left()
         if registered:
             await _quietly(stage_servicer.unregister(dht.p2p))
@@ -227,10 +234,13 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         serving.shutdown()
 
 
+DRAIN_QUIET = 2.0
+"""Seconds without calls after which microbatches still held are given up when leaving."""
+
+
 async def _drain(serving: StageServing, averager: StageAverager, timeout: float, stage: int) -> None:
     """Leaves without losing work, within `timeout`: no new microbatches (announced `leaving`),
-    the backwards of held microbatches answered, our accumulated gradients committed by a round
-    with the stage-mates (if we have any)."""
+    the backwards of held microbatches answered, a round in progress finished."""
     serving.draining = True
     averager.leaving = True
     start = time.monotonic()
@@ -240,14 +250,13 @@ async def _drain(serving: StageServing, averager: StageAverager, timeout: float,
         logger.debug("could not announce leaving: %s", e)
     deadline = start + timeout
     while time.monotonic() < deadline:
-        if serving.idle and (averager.strategy.samples == 0 or averager.alone):
+        if serving.idle(DRAIN_QUIET) and not averager.in_round:
             break
         await asyncio.sleep(0.05)  # polls local counters only
     logger.info(
-        "stage %d: drained in %.2f s (%d calls in progress, %d microbatches held, %d samples not committed)",
-        stage, time.monotonic() - start, serving.in_flight, len(serving.cache), averager.strategy.samples,
+        "stage %d: drained in %.2f s (%d calls in progress, %d microbatches held)",
+        stage, time.monotonic() - start, serving.in_flight, len(serving.cache),
     )
-    events.emit("drained", stage=stage, seconds=round(time.monotonic() - start, 3), uncommitted=averager.strategy.samples)
 
 
 class _Checkpointer:

@@ -43,6 +43,8 @@ class ManagedProcess:
             start_new_session=True,
         )
         self.pid = self.popen.pid
+        self.terminated = False
+        """SIGTERM was sent (the process is leaving gracefully)."""
         self.started_at = time.monotonic()
         self.events: list[Event] = []
         self.output: collections.deque[str] = collections.deque(maxlen=200)
@@ -106,11 +108,15 @@ class ManagedProcess:
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
+        if sig == signal.SIGTERM:
+            self.terminated = True
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL the whole process group; removes stale sockets."""
+        """SIGTERM (unless sent already: a second one aborts a graceful leave), wait up to
+        `timeout`, then SIGKILL the whole process group; removes stale sockets."""
         if self.alive:
-            self.signal(signal.SIGTERM)
+            if not self.terminated:
+                self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

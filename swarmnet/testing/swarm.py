@@ -7,6 +7,7 @@ SIGKILL of its process group) and reaped when the swarm is closed, even after a 
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -99,8 +100,12 @@ class LocalSwarm:
         return peers
 
     def close(self) -> None:
-        """Stops every process, newest first (trainers, then peers, then the coordinator)."""
+        """Stops every process: SIGTERM to all at once (newest first: trainers, peers, then the
+        coordinator), then waits for each and SIGKILLs its process group if it lingers."""
         errors: list[BaseException] = []
+        for process in reversed(self.processes):
+            if process.alive:
+                process.signal(signal.SIGTERM)
         for process in reversed(self.processes):
             try:
                 process.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 
 import pytest
 
@@ -15,6 +16,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 MAX_MICROBATCH_WAIT = 60.0
 
 
+def finish(trainer) -> dict:
+    """Stops the trainer (SIGTERM: it finishes the step in progress) and returns its summary."""
+    trainer.signal(signal.SIGTERM)
+    return trainer.wait_event("summary", 120)
+
+
 def assert_trained(trainer, summary) -> None:
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] < summary["initial_loss"], summary
     slowest = max(e["slowest_microbatch_s"] for e in steps(trainer))
@@ -25,7 +32,7 @@ def test_peers_killed_and_restarted_repeatedly(make_swarm, peer_profile):
     swarm = make_swarm()
     swarm.start_coordinator()
     peers = swarm.start_peers([0, 0, 1, 1], "--profile", peer_profile)
-    trainer = swarm.start_trainer("--max-seconds", "45")
+    trainer = swarm.start_trainer("--max-seconds", "240")
     wait_steps(trainer, 2, 60)
     for round_ in range(4):
         index = round_ % len(peers)
@@ -33,7 +40,7 @@ def test_peers_killed_and_restarted_repeatedly(make_swarm, peer_profile):
         chaos.kill(peers[index])
         peers[index] = swarm.start_peer(stage, "--profile", peer_profile)
         wait_steps(trainer, 2, 60)
-    summary = trainer.wait_event("summary", 120)
+    summary = finish(trainer)
     assert_trained(trainer, summary)
     for stage in (0, 1):
         wait_identical([p for p in peers if p.ready["stage"] == stage], at_least=1, timeout=60)
@@ -43,7 +50,7 @@ def test_frozen_peer_is_routed_around_and_rejoins_then_leaves_gracefully(make_sw
     swarm = make_swarm()
     swarm.start_coordinator()
     a, b, c = swarm.start_peers([0, 0, 1], "--profile", peer_profile)
-    trainer = swarm.start_trainer("--max-seconds", "60")
+    trainer = swarm.start_trainer("--max-seconds", "240")
     wait_steps(trainer, 2, 60)
     with chaos.frozen(b):
         wait_steps(trainer, 3, 60)  # progress while b is frozen: its calls time out, then go to a
@@ -54,7 +61,7 @@ def test_frozen_peer_is_routed_around_and_rejoins_then_leaves_gracefully(make_sw
     assert chaos.leave(b, timeout=30) == 0
     b.wait_event_from(index, "drained", 1)
     wait_steps(trainer, 2, 60)  # a alone carries stage 0 on
-    summary = trainer.wait_event("summary", 120)
+    summary = finish(trainer)
     assert_trained(trainer, summary)
 
 
@@ -66,7 +73,7 @@ def test_coordinator_killed_new_peer_bootstraps_from_a_peer_and_coordinator_reat
     swarm = make_swarm()
     coordinator = swarm.start_coordinator("--observe-period", "1")
     a, c = swarm.start_peers([0, 1], "--profile", peer_profile)
-    trainer = swarm.start_trainer("--max-seconds", "40")
+    trainer = swarm.start_trainer("--max-seconds", "240")
     wait_steps(trainer, 2, 60)
     chaos.kill(coordinator)
     wait_steps(trainer, 2, 60)  # training goes on without the coordinator
@@ -76,7 +83,7 @@ def test_coordinator_killed_new_peer_bootstraps_from_a_peer_and_coordinator_reat
     restarted = swarm.start_coordinator("--observe-period", "1", "--initial-peers", *c.ready["maddrs"])
     assert restarted.ready["peer_id"] == coordinator.ready["peer_id"]  # same identity, re-attached
     restarted.wait_event(lambda e: e.get("event") == "swarm" and e["peers"][0] >= 2 and e["peers"][1] >= 1, 60)
-    summary = trainer.wait_event("summary", 120)
+    summary = finish(trainer)
     assert_trained(trainer, summary)
     wait_identical([a, b], at_least=1, timeout=60)
 
@@ -89,12 +96,12 @@ def test_partitioned_peer_is_routed_around_and_rejoins_after_heal(make_swarm, pe
         swarm.start_coordinator()
         a, c = swarm.start_peers([0, 1], "--profile", peer_profile)
         b = swarm.start_peer(0, "--profile", peer_profile, host=ns.ns_addr, wrap=ns.command)
-        trainer = swarm.start_trainer("--max-seconds", "60")
+        trainer = swarm.start_trainer("--max-seconds", "240")
         wait_steps(trainer, 2, 60)
         with ns.partitioned():
             wait_steps(trainer, 3, 60)
         cut_at = max(stepped_epochs(a))
         wait_identical([a, b], at_least=cut_at + 1, timeout=60)
-        summary = trainer.wait_event("summary", 120)
+        summary = finish(trainer)
         assert_trained(trainer, summary)
         swarm.close()  # before the namespace goes away
