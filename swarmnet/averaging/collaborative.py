@@ -381,13 +381,16 @@ class StageAverager:
             return 0
         tensor, weight = await self.executor.run(self.strategy.freeze)
         handoff = Handoff(run_id=self.manifest.run_id, stage=self.stage, epoch=self.epoch, numel=tensor.numel(), weight=float(weight))
-        for pid in mates:
-            host, port = _split_addr(self._addresses[pid])
-            reason = await hand_off(host, port, handoff, tensor)
-            if reason is None:
-                logger.info("stage %d: handed %d samples' gradients to %s", self.stage, weight, pid[-6:])
-                return weight
-            logger.info("stage %d: %s did not take our gradients: %s", self.stage, pid[-6:], reason)
+        for attempt in range(2):  # a mate in the middle of a round refuses; ask again after it
+            if attempt:
+                await asyncio.sleep(0.5)
+            for pid in mates:
+                host, port = _split_addr(self._addresses[pid])
+                reason = await hand_off(host, port, handoff, tensor)
+                if reason is None:
+                    logger.info("stage %d: handed %d samples' gradients to %s", self.stage, weight, pid[-6:])
+                    return weight
+                logger.info("stage %d: %s did not take our gradients: %s", self.stage, pid[-6:], reason)
         await self.executor.run(self.strategy.unfreeze, tensor, weight)
         return 0
 

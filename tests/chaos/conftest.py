@@ -33,7 +33,8 @@ def make_swarm(manifest, tmp_path, request):
     made: list[LocalSwarm] = []
 
     def make(**kwargs) -> LocalSwarm:
-        local = LocalSwarm(manifest, workdir=tmp_path / f"swarm{len(made)}", **kwargs)
+        kwargs.setdefault("manifest", manifest)
+        local = LocalSwarm(workdir=tmp_path / f"swarm{len(made)}", **kwargs)
         made.append(local)
         return local
 

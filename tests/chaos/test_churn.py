@@ -59,7 +59,8 @@ def test_frozen_peer_is_routed_around_and_rejoins_then_leaves_gracefully(make_sw
     wait_identical([a, b], at_least=frozen_until + 1, timeout=60)
     index = len(b.events)
     assert chaos.leave(b, timeout=30) == 0
-    b.wait_event_from(index, "drained", 1)
+    drained = b.wait_event_from(index, "drained", 1)[1]
+    assert drained["uncommitted"] == 0, drained  # its gradients went to a (or a round took them)
     wait_steps(trainer, 2, 60)  # a alone carries stage 0 on
     summary = finish(trainer)
     assert_trained(trainer, summary)
@@ -105,3 +106,21 @@ def test_partitioned_peer_is_routed_around_and_rejoins_after_heal(make_swarm, pe
         summary = finish(trainer)
         assert_trained(trainer, summary)
         swarm.close()  # before the namespace goes away
+
+
+def test_leaving_peer_hands_its_gradients_to_a_stage_mate(make_swarm, peer_profile, manifest):
+    import dataclasses
+
+    big_steps = dataclasses.replace(manifest, training=dataclasses.replace(manifest.training, target_batch_size=128))
+    swarm = make_swarm(manifest=big_steps)
+    swarm.start_coordinator()
+    a, b, c = swarm.start_peers([0, 0, 1], "--profile", peer_profile)
+    trainer = swarm.start_trainer("--max-seconds", "240")
+    # Mid-step (32 microbatches per step): b holds gradients of samples not committed yet.
+    b.wait_event(lambda e: e.get("event") == "stepped" and e["epoch"] >= 1, 90)
+    index = len(b.events)
+    assert chaos.leave(b, timeout=30) == 0
+    drained = b.wait_event_from(index, "drained", 1)[1]
+    assert drained["handed_off"] > 0 and drained["uncommitted"] == 0, drained
+    wait_steps(trainer, 2, 90)  # a steps on with them
+    assert_trained(trainer, finish(trainer))
