@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from swarmnet.averaging.allreduce import AllReduceServer
 from swarmnet.config import PeerConfig
@@ -20,6 +21,7 @@ from swarmnet.dht.manifests import fetch_manifest, keep_manifest, peer_ids_of
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.stages import read_swarm
 from swarmnet.errors import ConfigError
+from swarmnet.peer.checkpoint import CheckpointStore
 from swarmnet.peer.session import PeerContext, serve_stage
 from swarmnet.pipeline.stage_choice import choose_stage
 from swarmnet.telemetry import events, metrics
@@ -45,7 +47,11 @@ async def run_peer(
         )
         num_stages = manifest.training.num_stages
         if stage is None:
-            stage = choose_stage(await read_swarm(dht, manifest), random.Random())
+            held = {}
+            if config.checkpoint_dir:
+                store = CheckpointStore(Path(config.checkpoint_dir), manifest.run_id)
+                held = {s: store.latest_step(s) for s in store.stages()}
+            stage = choose_stage(await read_swarm(dht, manifest), random.Random(), held=held)
         elif not 0 <= stage < num_stages:
             raise ConfigError(f"--stage {stage} is outside 0..{num_stages - 1} for run {manifest.run_id}")
         metrics_addr = metrics.serve_metrics(config.host, config.metrics_port)

@@ -15,7 +15,9 @@ _REL_TOL = 1e-9
 """Stage throughputs this close are a tie (sums of floats in another order differ in the last bits)."""
 
 
-def choose_stage(snapshot: SwarmSnapshot, rng: random.Random | None = None) -> int:
+def choose_stage(
+    snapshot: SwarmSnapshot, rng: random.Random | None = None, *, held: dict[int, int] | None = None
+) -> int:
     """Returns the bottleneck stage of `snapshot`.
 
     Ties on throughput are broken by the fewest peers (so an empty stage wins over a stage of
@@ -23,11 +25,18 @@ def choose_stage(snapshot: SwarmSnapshot, rng: random.Random | None = None) -> i
     from the same snapshot spread over the tied stages instead of piling onto one. The result is
     deterministic for a given `rng` state; without one, a fresh unseeded generator is used.
 
+    `held` maps stages this peer holds a checkpoint of to the checkpoint's step: an empty stage it
+    holds state of comes first (the most advanced such state first), so that a restarted swarm gets
+    its stages back from the peers that saved them.
+
     Raises `ValueError` if the run has no stages.
     """
     if snapshot.num_stages < 1:
         raise ValueError(f"cannot choose a stage: num_stages={snapshot.num_stages}")
     groups = snapshot.by_stage()
+    empty_held = [s for s in (held or {}) if 0 <= s < snapshot.num_stages and not groups[s]]
+    if empty_held:
+        return max(empty_held, key=lambda s: (held[s], -s))
     throughput = snapshot.stage_throughput()
     lowest = min(throughput)
     tied = [s for s, t in enumerate(throughput) if math.isclose(t, lowest, rel_tol=_REL_TOL)]

@@ -139,3 +139,16 @@ def test_no_stages_is_an_error():
 def test_negative_num_stages_is_rejected():
     with pytest.raises(ValueError):
         SwarmSnapshot(-1, ())
+
+
+def test_an_empty_stage_whose_state_we_hold_comes_first():
+    snap = SwarmSnapshot(num_stages=3, peers=(peer("a", 0, 5.0),))
+    # Stages 1 and 2 are empty; we hold checkpoints of 0 (served) and 2: take 2.
+    assert choose_stage(snap, random.Random(0), held={0: 9, 2: 4}) == 2
+    # Of two empty stages held, the most advanced state first.
+    assert choose_stage(SwarmSnapshot(num_stages=3, peers=()), random.Random(0), held={1: 3, 2: 7}) == 2
+
+
+def test_held_stages_that_are_served_or_out_of_range_change_nothing():
+    snap = SwarmSnapshot(num_stages=2, peers=(peer("a", 0, 5.0), peer("b", 1, 1.0)))
+    assert choose_stage(snap, random.Random(0), held={0: 9, 7: 1}) == choose_stage(snap, random.Random(0)) == 1
