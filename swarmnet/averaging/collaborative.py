@@ -74,6 +74,8 @@ class StageAverager:
         self.in_round = False
         """An all-reduce round of ours is in progress."""
         self._addresses: dict[str, str] = {}
+        self._leader_wait: tuple[tuple[str, int], float] | None = None
+        """((leader, epoch), since when) while we wait for that leader's nonce."""
         self.leaving = False
         """Set when the peer drains before leaving: published in our progress records."""
         self.excluded: set[str] = set()
@@ -224,6 +226,10 @@ class StageAverager:
                 return
             logger.info("stage %d: stepping without lagging peers %s", self.stage, [p[-6:] for p in lagging])
             self.excluded.update(lagging)
+            # A lagging peer that is gone (killed before any round noticed) would be waited for
+            # again at every step until its record expires: ping, and suspect it if it is gone.
+            probed = [Member(peer_id=p, host=h, port=port) for p in lagging if p in addresses for h, port in [_split_addr(addresses[p])]]
+            self._suspect(await _unresponsive(probed))
         self._waiting_since = None
         members = [p for p in round_members(progress, self.epoch, me, excluded=self.excluded) if p == me or p in addresses]
         nonce = await self._agree_on_attempt(members)
@@ -237,11 +243,22 @@ class StageAverager:
             self._out = torch.empty_like(like)
         return self._out
 
+    def _suspect(self, dead: dict[str, str]) -> None:
+        """Leaves unresponsive members out of rounds until they publish a newer progress record:
+        a killed peer's record outlives it by up to `record_ttl`, and it must not hold up every
+        step meanwhile (as a lagging peer, or as the leader whose nonce never comes)."""
+        self.excluded.update(dead)
+        for pid in dead:
+            self.suspects[pid] = self._expirations.get(pid, 0.0)
+            metrics.SUSPECTED_PEERS.inc()
+
     async def _agree_on_attempt(self, members: list[str]) -> str | None:
         """The leader (smallest peer id) proposes a fresh nonce per attempt in its progress record;
-        the others join the attempt they read there, once. None: no attempt to join yet."""
+        the others join the attempt they read there, once. None: no attempt to join yet. A leader
+        that proposes nothing for `LEADER_GRACE` seconds is pinged, and left out if it is gone."""
         leader = members[0]
         if leader == self.dht.peer_id:
+            self._leader_wait = None
             if not self._nonce or self._nonce in self._attempted:
                 self._nonce = secrets.token_hex(6)
                 await self.publish_progress(force=True)
@@ -249,9 +266,25 @@ class StageAverager:
         else:
             epoch, nonce = self._nonces.get(leader, (-1, ""))
             if epoch != self.epoch or not nonce or nonce in self._attempted:
+                await self._check_leader(leader)
                 return None
+        self._leader_wait = None
         self._attempted.add(nonce)
         return nonce
+
+    async def _check_leader(self, leader: str) -> None:
+        now = time.monotonic()
+        if self._leader_wait is None or self._leader_wait[0] != (leader, self.epoch):
+            self._leader_wait = ((leader, self.epoch), now)
+            return
+        if now - self._leader_wait[1] < LEADER_GRACE or leader not in self._addresses:
+            return
+        self._leader_wait = ((leader, self.epoch), now)  # ping at most once per grace period
+        host, port = _split_addr(self._addresses[leader])
+        reason = await ping(host, port, PING_TIMEOUT)
+        if reason is not None:
+            logger.warning("stage %d: leader %s proposes no round and is %s; leaving it out", self.stage, leader[-6:], reason)
+            self._suspect({leader: reason})
 
     def _majority_digest(self) -> list[str] | None:
         """Peers holding the stage's majority parameters at our epoch, if ours differ from them
@@ -273,6 +306,7 @@ class StageAverager:
 
     async def sync_from_mates(self, sources: list[str] | None = None) -> None:
         """Announces `joining`, downloads and loads the stage's state, announces the new epoch."""
+        self._nonce = ""  # a nonce belongs to the epoch it was proposed at
         await self.publish_progress(joining=True, force=True)
         await self.resync(sources)
         self.digest_epoch = -1
@@ -321,11 +355,7 @@ class StageAverager:
         except AveragingError as e:
             await self.executor.run(self.strategy.unfreeze, tensor, weight)
             dead = await _unresponsive([m for m in group if m.peer_id != self.dht.peer_id])
-            self.excluded.update(dead)
-            for pid, reason in dead.items():
-                if reason != "refused":
-                    self.suspects[pid] = self._expirations.get(pid, 0.0)
-                    metrics.SUSPECTED_PEERS.inc()
+            self._suspect(dead)
             metrics.AVERAGING_ROUNDS.labels(outcome="failed").inc()
             logger.warning(
                 "stage %d round for step %d with %d peers failed (%s); excluding %s",
@@ -333,6 +363,7 @@ class StageAverager:
             )
             return
         await self.executor.run(self.strategy.apply, total, total_weight)
+        self._nonce = ""  # never publish the finished round's nonce with the new epoch
         await self.refresh_digest()
         seconds = time.perf_counter() - start
         metrics.AVERAGING_ROUNDS.labels(outcome="ok").inc()
@@ -401,6 +432,8 @@ def _split_addr(addr: str) -> tuple[str, int]:
 
 
 PING_TIMEOUT = 3.0
+LEADER_GRACE = 2.0
+"""Seconds a ready stage waits for its leader's round nonce before checking the leader is alive."""
 
 
 async def _unresponsive(members: list[Member]) -> dict[str, str]:

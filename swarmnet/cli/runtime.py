@@ -35,6 +35,7 @@ def run_role(role: str, log_level: str | None, main: Callable[[asyncio.Event], C
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         return await main(stop)
 
     try:
@@ -46,6 +47,14 @@ def run_role(role: str, log_level: str | None, main: Callable[[asyncio.Event], C
         return EXIT_ERROR
     except (KeyboardInterrupt, asyncio.CancelledError):
         return EXIT_INTERRUPTED
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: writes every asyncio task's stack to stderr (what is this process waiting for?)."""
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _loop_factory():

@@ -87,7 +87,11 @@ async def fetch_manifest(
     delay = 0.1
     while True:
         candidates: dict[str, RunManifest] = {}
-        for signed in await dht.get(keys.MANIFESTS):
+        try:
+            found = await dht.get(keys.MANIFESTS)
+        except TimeoutError:
+            found = []
+        for signed in found:
             try:
                 candidates[signed.peer_id] = signed.record.verified_manifest()
             except RecordError as e:

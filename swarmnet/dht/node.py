@@ -6,13 +6,16 @@ swarmnet's record validator, and the identity that signs every record it stores.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.dht.identity import Identity
 from swarmnet.dht.records import RecordError, SignedRecord, decode_record, encode_record
@@ -22,13 +25,33 @@ from swarmnet.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
+DHT_OP_TIMEOUT = 10.0
+"""Bound on one store or get: after a network partition heals, hivemind's traversal can wait on
+a dead connection indefinitely; callers treat a TimeoutError like any failed DHT operation."""
+
+
+ROUTING_WATCH_PERIOD = 5.0
+ROUTING_MIN_NODES = 3
+"""The watchdog reconnects while the routing table holds fewer nodes than this (or than we know)."""
+ROUTING_MAX_PINGS = 8
+ROUTING_FORGET_AFTER = 24
+"""Failed re-pings in a row (about two minutes) after which a node is taken for gone."""
+
+
 class SwarmDHT:
     """A libp2p host plus a DHT node that stores and reads swarmnet's signed records."""
 
-    def __init__(self, identity: Identity, p2p: P2P, node: DHTNode):
+    def __init__(self, identity: Identity, p2p: P2P, node: DHTNode, initial_peers: Sequence[str] = ()):
         self.identity = identity
         self.p2p = p2p
         self.node = node
+        self._known: dict[PeerID, int] = {}
+        """Every DHT node we have had in our routing table (or bootstrapped from), with how many
+        re-pings in a row failed: the watchdog's candidates to reconnect to."""
+        for maddr in initial_peers:
+            with contextlib.suppress(Exception):
+                self._known[PeerID.from_base58(Multiaddr(maddr)["p2p"])] = 0
+        self._watchdog = asyncio.create_task(self._watch_routing_table(), name="dht-watchdog")
 
     @classmethod
     async def create(
@@ -68,7 +91,7 @@ class SwarmDHT:
         except BaseException:
             await p2p.shutdown()
             raise
-        return cls(identity, p2p, node)
+        return cls(identity, p2p, node, initial_peers)
 
     @property
     def peer_id(self) -> str:
@@ -91,18 +114,21 @@ class SwarmDHT:
         """Signs `record` and stores it under `key`, subkey = our peer id, for `ttl` seconds."""
         expiration = get_dht_time() + ttl
         blob = encode_record(self.identity, key, record, expiration)
-        return bool(await self.node.store(key, blob, expiration, subkey=self.peer_id))
+        async with asyncio.timeout(DHT_OP_TIMEOUT):
+            return bool(await self.node.store(key, blob, expiration, subkey=self.peer_id))
 
     async def replicate(self, signed: SignedRecord) -> bool:
         """Stores someone else's signed record again, unchanged (same owner, same expiration), so
         that it outlives the nodes that held it; the signature still proves who wrote it."""
         if signed.blob is None or signed.expiration <= get_dht_time():
             return False
-        return bool(await self.node.store(signed.key, signed.blob, signed.expiration, subkey=signed.peer_id))
+        async with asyncio.timeout(DHT_OP_TIMEOUT):
+            return bool(await self.node.store(signed.key, signed.blob, signed.expiration, subkey=signed.peer_id))
 
     async def get(self, key: str) -> list[SignedRecord]:
         """Every live, verified record under `key` (invalid ones are already dropped by the DHT)."""
-        found = await self.node.get(key, latest=True)
+        async with asyncio.timeout(DHT_OP_TIMEOUT):
+            found = await self.node.get(key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
         records = []
@@ -116,8 +142,45 @@ class SwarmDHT:
                 records.append(signed)
         return records
 
+    async def _watch_routing_table(self) -> None:
+        """Reconnects to the DHT after losing it. hivemind drops nodes from the routing table when
+        their RPCs fail and never looks for them again, so a node cut off for a while (network
+        partition, frozen process, suspended laptop) would stay alone with its own stale records.
+        Every few seconds, if the table holds fewer nodes than we know of, ping the missing ones
+        (a node that answers is added back) and look up our neighbourhood again."""
+        while True:
+            await asyncio.sleep(ROUTING_WATCH_PERIOD)
+            try:
+                await self._reconnect()
+            except Exception as e:  # noqa: BLE001 - best effort, retried at the next period
+                logger.debug("routing table watchdog: %s", e)
+
+    async def _reconnect(self) -> None:
+        table = self.node.protocol.routing_table
+        present = set(table.peer_id_to_uid)
+        for peer in present:
+            self._known[peer] = 0
+        missing = [p for p in self._known if p not in present and p != self.node.peer_id]
+        if not missing or len(present) >= min(len(self._known), ROUTING_MIN_NODES):
+            return
+        targets = missing[:ROUTING_MAX_PINGS]
+        async with asyncio.timeout(DHT_OP_TIMEOUT):
+            answers = await asyncio.gather(*(self.node.protocol.call_ping(p) for p in targets))
+        for peer, answer in zip(targets, answers):
+            if answer is None:
+                self._known[peer] += 1
+                if self._known[peer] >= ROUTING_FORGET_AFTER:
+                    del self._known[peer]
+            else:
+                self._known[peer] = 0
+        if any(answer is not None for answer in answers):
+            logger.info("DHT: reconnected to %d node(s) after losing them", sum(a is not None for a in answers))
+            async with asyncio.timeout(DHT_OP_TIMEOUT):
+                await self.node.find_nearest_nodes([self.node.node_id])
+
     async def shutdown(self) -> None:
         """Stops the DHT node, then p2pd; safe to call twice."""
+        self._watchdog.cancel()
         try:
             await self.node.shutdown()
         finally:

@@ -64,11 +64,17 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
     """Serves `stage` until `stop` (returns None) or until moving pays off (returns the new stage)."""
     dht, manifest, config = ctx.dht, ctx.manifest, ctx.config
     run_id = manifest.run_id
-    computer = StageComputer(
-        build_stage(manifest, stage), manifest.optimizer, target_batch_size=manifest.training.target_batch_size, device=config.device
-    )
-    meter = measure_throughput(computer, manifest, stage)
-    strategy = make_strategy(computer, manifest.averaging)
+
+    def build():
+        computer = StageComputer(
+            build_stage(manifest, stage), manifest.optimizer, target_batch_size=manifest.training.target_batch_size, device=config.device
+        )
+        meter = measure_throughput(computer, manifest, stage)
+        return computer, meter, make_strategy(computer, manifest.averaging)
+
+    # Off the event loop: we are in the DHT already, and other nodes' requests to us (and so
+    # their own DHT reads) must not wait for model construction, lazy torch imports or the probe.
+    computer, meter, strategy = await asyncio.to_thread(build)
     serving = StageServing(manifest, stage, computer, meter, config)
     executor = serving.executor
 

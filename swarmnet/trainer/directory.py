@@ -29,16 +29,35 @@ class StageDirectory:
         self._stubs: dict[str, StageStub] = {}
         self._fetched_at: dict[int, float] = {}
         self._locks = {s: asyncio.Lock() for s in range(manifest.training.num_stages)}
+        self._refreshing: dict[int, asyncio.Task] = {}
         training, model = manifest.training, manifest.model
         # Replies are activations or their gradients: never larger than one float32 microbatch.
         self._max_reply_bytes = training.microbatch_size * training.seq_len * max(model.d_model, model.vocab_size) * 4
 
     async def peers(self, stage: int, *, force: bool = False) -> list[PeerInfo]:
-        async with self._locks[stage]:
-            age = time.monotonic() - self._fetched_at.get(stage, -1e9)
-            if force or age > self.max_age or not self._peers.get(stage):
+        """The stage's known peers. An empty view or `force` waits for a DHT read; a merely old
+        view is returned at once and refreshed in the background, so a slow DHT answer (a node
+        busy joining, a dead node's timeout) never stalls the pipeline."""
+        if force or not self._peers.get(stage):
+            async with self._locks[stage]:
                 await self._refresh(stage)
+        elif time.monotonic() - self._fetched_at.get(stage, -1e9) > self.max_age and stage not in self._refreshing:
+            task = asyncio.create_task(self._refresh_locked(stage), name=f"directory-refresh-{stage}")
+            self._refreshing[stage] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(stage, None))
         return self._peers.get(stage, [])
+
+    async def close(self) -> None:
+        """Cancels background refreshes (before the DHT shuts down)."""
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _refresh_locked(self, stage: int) -> None:
+        async with self._locks[stage]:
+            await self._refresh(stage)
 
     def stub(self, peer_id: str) -> StageStub:
         return self._stubs[peer_id]

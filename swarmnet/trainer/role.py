@@ -46,7 +46,8 @@ async def run_swarm_training(
         )
         on_start(manifest, dht.peer_id)
         data = await asyncio.to_thread(make_data, manifest)
-        trainer = SwarmTrainer(manifest, config, StageDirectory(dht, manifest), data)
+        directory = StageDirectory(dht, manifest)
+        trainer = SwarmTrainer(manifest, config, directory, data)
 
         async def report(step: StepReport) -> None:
             on_step(step)
@@ -56,7 +57,10 @@ async def run_swarm_training(
             except Exception as e:  # progress records are best effort; training goes on
                 logger.debug("could not publish the trainer record: %s", e)
 
-        return await trainer.train(stop=stop, on_step=report)
+        try:
+            return await trainer.train(stop=stop, on_step=report)
+        finally:
+            await directory.close()
 
 
 async def run_local_training(
