@@ -100,8 +100,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/churn.json")
     args = parser.parse_args()
     if args.smoke:
-        args.peers_per_stage, args.steady_seconds, args.churn_seconds = 1, 8.0, 10.0
-        args.kill_every, args.warmup_seconds = 5.0, 2.0
+        args.peers_per_stage, args.steady_seconds, args.churn_seconds = 1, 4.0, 5.0
+        args.kill_every, args.warmup_seconds = 5.0, 1.0
     if args.warmup_seconds >= args.steady_seconds or args.kill_every <= 0 or args.churn_seconds <= 0:
         parser.error("need warmup-seconds < steady-seconds and positive kill-every and churn-seconds")
     return args

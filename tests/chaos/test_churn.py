@@ -38,7 +38,7 @@ def test_peers_killed_and_restarted_repeatedly(make_swarm, peer_profile):
     peers = swarm.start_peers([0, 0, 1, 1], "--profile", peer_profile)
     trainer = swarm.start_trainer("--max-seconds", "240")
     wait_steps(trainer, 2, 60)
-    for round_ in range(4):
+    for round_ in range(3):
         index = round_ % len(peers)
         stage = peers[index].ready["stage"]
         chaos.kill(peers[index])

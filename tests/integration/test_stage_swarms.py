@@ -51,7 +51,7 @@ def test_three_peers_per_stage_stay_identical(swarm, peer_profile):
         assert p.ready["stage"] == 0
     # Train for a while rather than a number of steps: a round that stalls at start-up (peers'
     # DHT views still differ) absorbs every sample that arrives meanwhile into one step.
-    trainer = swarm.start_trainer("--max-seconds", "25")
+    trainer = swarm.start_trainer("--max-seconds", "15")
     summary = trainer.wait_event("summary", 200)
     assert summary["dropped"] == 0
     for stage_peers in (stage0, stage1):
@@ -122,7 +122,7 @@ def test_low_communication_mode_keeps_replicas_identical_at_outer_steps(tmp_path
         local.start_coordinator()
         stage0 = local.start_peers([0, 0], "--profile", peer_profile)
         local.start_peer(1, "--profile", peer_profile)
-        trainer = local.start_trainer("--max-seconds", "20")
+        trainer = local.start_trainer("--max-seconds", "14")
         summary = trainer.wait_event("summary", 200)
         assert summary["dropped"] == 0 and summary["final_loss"] < summary["initial_loss"]
         epoch = wait_common_epoch(stage0, at_least=2, timeout=60)
