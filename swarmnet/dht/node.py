@@ -21,6 +21,7 @@ from swarmnet.dht.identity import Identity
 from swarmnet.dht.records import RecordError, SignedRecord, decode_record, encode_record
 from swarmnet.dht.validator import SwarmnetRecordValidator
 from swarmnet.errors import ConfigError
+from swarmnet.telemetry import events
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ class SwarmDHT:
         except BaseException:
             await p2p.shutdown()
             raise
-        return cls(identity, p2p, node, initial_peers)
+        dht = cls(identity, p2p, node, initial_peers)
+        # As early as possible, for a supervisor that may SIGKILL us before we are ready.
+        events.emit("p2pd", sockets=dht.p2pd_sockets())
+        return dht
 
     @property
     def peer_id(self) -> str:

@@ -131,7 +131,8 @@ class ManagedProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
         self._reader.join(timeout=5)
-        for path in (self.ready or {}).get("sockets", []):
+        reported = {path for event in list(self.events) for path in event.get("sockets", [])}
+        for path in reported:
             with contextlib.suppress(FileNotFoundError, OSError):
                 os.unlink(path)
         if self.popen.stdout is not None:
