@@ -226,13 +226,8 @@ class _Round:
                     raise _Stopped from None
 
     async def _connect(self, member: Member) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(member.host, member.port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
+        sock = await connect(member.host, member.port)
         self.sockets.append(sock)
-        tune(sock)
-        await loop.sock_connect(sock, address)
         return sock
 
     async def _send(self, j: int) -> None:
@@ -463,37 +458,41 @@ class HandoffTarget(Protocol):
         """Takes the handed-off sums; returns why not (None: taken)."""
 
 
+async def connect(host: str, port: int) -> socket.socket:
+    """A tuned, non-blocking TCP connection to a member's all-reduce server (closed on failure)."""
+    loop = asyncio.get_running_loop()
+    family, kind, proto, _, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        tune(sock)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def hand_off(host: str, port: int, handoff: Handoff, tensor: torch.Tensor, timeout: float = 30.0) -> str | None:
     """Sends a handoff to a stage-mate's all-reduce server; None if it took it, else why not."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setblocking(False)
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (host, port))
-            tune(sock)
-            await send_message(sock, handoff)
-            await send_all(sock, tensor_view(tensor.contiguous()))
-            ack = await recv_message(sock, HandoffAck)
+            with contextlib.closing(await connect(host, port)) as sock:
+                await send_message(sock, handoff)
+                await send_all(sock, tensor_view(tensor.contiguous()))
+                ack = await recv_message(sock, HandoffAck)
         return None if ack.accepted else ack.reason or "refused"
     except (OSError, EOFError, SwarmnetError) as e:  # TimeoutError is an OSError
         return f"{type(e).__name__}: {e}"
-    finally:
-        sock.close()
 
 
 async def ping(host: str, port: int, timeout: float = 3.0) -> str | None:
     """Probes a member's all-reduce server: None if it answered, else why not ("refused": the
     process is gone; "silent": frozen, hung or cut off; or the error)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setblocking(False)
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (host, port))
-            tune(sock)
-            await send_message(sock, Ping())
-            await recv_message(sock, Pong)
+            with contextlib.closing(await connect(host, port)) as sock:
+                await send_message(sock, Ping())
+                await recv_message(sock, Pong)
         return None
     except ConnectionRefusedError:
         return "refused"
@@ -501,8 +500,6 @@ async def ping(host: str, port: int, timeout: float = 3.0) -> str | None:
         return "silent"
     except (OSError, EOFError, SwarmnetError) as e:
         return f"error: {e}"
-    finally:
-        sock.close()
 
 
 async def all_reduce(

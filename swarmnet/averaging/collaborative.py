@@ -228,13 +228,12 @@ class StageAverager:
             self.excluded.update(lagging)
             # A lagging peer that is gone (killed before any round noticed) would be waited for
             # again at every step until its record expires: ping, and suspect it if it is gone.
-            probed = [Member(peer_id=p, host=h, port=port) for p in lagging if p in addresses for h, port in [_split_addr(addresses[p])]]
-            self._suspect(await _unresponsive(probed))
+            self._suspect(await _unresponsive([self._member(p) for p in lagging if p in addresses]))
         self._waiting_since = None
         members = [p for p in round_members(progress, self.epoch, me, excluded=self.excluded) if p == me or p in addresses]
         nonce = await self._agree_on_attempt(members)
         if nonce is not None:
-            await self._round(members, addresses, nonce)
+            await self._round(members, nonce)
 
     def _result_buffer(self, like: torch.Tensor) -> torch.Tensor:
         """One reused output buffer for the rounds' sums (allocating it per round costs more
@@ -242,6 +241,13 @@ class StageAverager:
         if self._out is None or self._out.shape != like.shape:
             self._out = torch.empty_like(like)
         return self._out
+
+    def _member(self, pid: str) -> Member:
+        """Where `pid`'s all-reduce server listens (ours, or as its stage record announced)."""
+        if pid == self.dht.peer_id:
+            return Member(peer_id=pid, host=self.server.host, port=self.server.port)
+        host, port = _split_addr(self._addresses[pid])
+        return Member(peer_id=pid, host=host, port=port)
 
     def _suspect(self, dead: dict[str, str]) -> None:
         """Leaves unresponsive members out of rounds until they publish a newer progress record:
@@ -280,8 +286,8 @@ class StageAverager:
         if now - self._leader_wait[1] < LEADER_GRACE or leader not in self._addresses:
             return
         self._leader_wait = ((leader, self.epoch), now)  # ping at most once per grace period
-        host, port = _split_addr(self._addresses[leader])
-        reason = await ping(host, port, PING_TIMEOUT)
+        member = self._member(leader)
+        reason = await ping(member.host, member.port, PING_TIMEOUT)
         if reason is not None:
             logger.warning("stage %d: leader %s proposes no round and is %s; leaving it out", self.stage, leader[-6:], reason)
             self._suspect({leader: reason})
@@ -320,13 +326,10 @@ class StageAverager:
             events.emit("stepped", stage=self.stage, epoch=self.digest_epoch, digest=self.digest, members=1)
         await self.publish_progress()
 
-    async def _round(self, members: list[str], addresses: dict[str, str], nonce: str) -> None:
+    async def _round(self, members: list[str], nonce: str) -> None:
         me = self.dht.peer_id
         epoch = self.epoch
-        group = []
-        for pid in members:
-            host, port = (self.server.host, self.server.port) if pid == me else _split_addr(addresses[pid])
-            group.append(Member(peer_id=pid, host=host, port=port))
+        group = [self._member(pid) for pid in members]
         group_hash = hashlib.sha256(",".join(members).encode()).hexdigest()[:12]
         round_id = f"{self.manifest.run_id}/{self.stage}/{epoch}/{group_hash}/{nonce}"
         self.in_round = True
@@ -416,8 +419,8 @@ class StageAverager:
             if attempt:
                 await asyncio.sleep(0.5)
             for pid in mates:
-                host, port = _split_addr(self._addresses[pid])
-                reason = await hand_off(host, port, handoff, tensor)
+                member = self._member(pid)
+                reason = await hand_off(member.host, member.port, handoff, tensor)
                 if reason is None:
                     logger.info("stage %d: handed %d samples' gradients to %s", self.stage, weight, pid[-6:])
                     return weight

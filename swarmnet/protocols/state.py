@@ -154,15 +154,11 @@ class StateServicer:
         return list(self._held)
 
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = str(info.peer_id)
-        stream = StateStream(reader, writer, peer=client)
-        await serve_stream(stream, lambda: self._serve(client, stream), what="state")
+        await _handle_state_stream(info, reader, writer, self._addressed)
 
-    async def _serve(self, client: str, stream: StateStream) -> None:
-        async with asyncio.timeout(REQUEST_READ_TIMEOUT):
-            request = await stream.receive_message(StateInfoRequest, StateRangeRequest)
+    def _addressed(self, request: StateInfoRequest | StateRangeRequest) -> StateServicer:
         self._check_target(request.run_id, request.stage)
-        await self.answer(client, stream, request)
+        return self
 
     async def answer(self, client: str, stream: StateStream, request: StateInfoRequest | StateRangeRequest) -> None:
         """Answers one request already read from `stream` (and addressed to this servicer)."""
@@ -258,9 +254,6 @@ class StateRouter:
     def add(self, servicer: StateServicer) -> None:
         self._servicers[(servicer.run_id, servicer.stage)] = servicer
 
-    def get(self, run_id: str, stage: int) -> StateServicer | None:
-        return self._servicers.get((run_id, stage))
-
     async def register(self, p2p: P2P) -> None:
         await p2p.add_binary_stream_handler(PROTOCOL, self._handle)
 
@@ -268,19 +261,34 @@ class StateRouter:
         await p2p.remove_binary_stream_handler(PROTOCOL)
 
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = str(info.peer_id)
-        stream = StateStream(reader, writer, peer=client)
-        await serve_stream(stream, lambda: self._serve(client, stream), what="state")
+        await _handle_state_stream(info, reader, writer, self._addressed)
 
-    async def _serve(self, client: str, stream: StateStream) -> None:
-        async with asyncio.timeout(REQUEST_READ_TIMEOUT):
-            request = await stream.receive_message(StateInfoRequest, StateRangeRequest)
+    def _addressed(self, request: StateInfoRequest | StateRangeRequest) -> StateServicer:
         servicer = self._servicers.get((request.run_id, request.stage))
         if servicer is None:
             if not any(run_id == request.run_id for run_id, _ in self._servicers):
                 raise UnknownRunError(f"no state of run {request.run_id[:80]!r} here")
             raise PeerUnavailableError(f"no state of stage {request.stage} here")
-        await servicer.answer(client, stream, request)
+        return servicer
+
+
+async def _handle_state_stream(
+    info,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    addressed: Callable[[StateInfoRequest | StateRangeRequest], StateServicer],
+) -> None:
+    """One state-protocol stream: read the request, hand it to the servicer it is addressed to
+    (`addressed` raises the typed error when none is), answer."""
+    client = str(info.peer_id)
+    stream = StateStream(reader, writer, peer=client)
+
+    async def serve() -> None:
+        async with asyncio.timeout(REQUEST_READ_TIMEOUT):
+            request = await stream.receive_message(StateInfoRequest, StateRangeRequest)
+        await addressed(request).answer(client, stream, request)
+
+    await serve_stream(stream, serve, what="state")
 
 
 class StateStub:
