@@ -22,6 +22,50 @@ from swarmnet.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Mixture-of-Experts layers: in the listed blocks the MLP becomes a gate, run by the stage that
+    holds the block, and `num_experts` remote experts served by expert peers (`join --expert`)."""
+
+    layers: tuple[int, ...]
+    """Blocks whose MLP is replaced by a Mixture-of-Experts layer."""
+    num_experts: int = 4
+    """Experts per MoE layer (uids `expert.<layer>.<index>`)."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    k_min: int = 1
+    """A microbatch goes on once every token has this many expert answers (or cannot get them),
+    waiting at most `timeout_after_k_min` more for the rest."""
+    d_expert: int = 256
+    """Hidden width of each expert's feed-forward network."""
+    capacity_factor: float = 2.0
+    """An expert takes at most `capacity_factor * tokens * top_k / num_experts` tokens of a
+    microbatch; tokens beyond that skip it (their other experts' gates are renormalized)."""
+    aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss (Switch Transformer style) added by every gate."""
+    forward_timeout: float = 5.0
+    """Seconds a gate waits for its experts' forward answers."""
+    timeout_after_k_min: float = 1.0
+    """Seconds a gate waits for the remaining experts once `k_min` answers per token are in."""
+    backward_timeout: float = 10.0
+    """Seconds a gate waits for an expert's backward answer (missing: no gradient from it)."""
+    expert_batch_tokens: int = 0
+    """Tokens an expert's replicas accumulate before an optimizer step; 0: the expected share of
+    one batch, `target_batch_size * seq_len * top_k / num_experts`."""
+
+    def __post_init__(self) -> None:
+        if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ConfigError("model.moe.layers must list distinct, non-negative block indices")
+        if self.num_experts < 1 or not 1 <= self.k_min <= self.top_k <= self.num_experts:
+            raise ConfigError("model.moe needs num_experts >= 1 and 1 <= k_min <= top_k <= num_experts")
+        if self.d_expert < 1 or not self.capacity_factor > 0 or self.aux_loss_weight < 0:
+            raise ConfigError("model.moe needs d_expert >= 1, capacity_factor > 0 and aux_loss_weight >= 0")
+        if min(self.forward_timeout, self.backward_timeout) <= 0 or self.timeout_after_k_min < 0:
+            raise ConfigError("model.moe timeouts must be positive")
+        if self.expert_batch_tokens < 0:
+            raise ConfigError("model.moe.expert_batch_tokens must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A small decoder-only transformer (see `swarmnet.models.gpt`)."""
 
@@ -37,8 +81,12 @@ class ModelConfig:
     """Hidden width of each block's MLP."""
     max_seq_len: int = 256
     """Longest sequence the position embedding covers."""
+    moe: MoEConfig | None = field(default=None, metadata={"omit_if_none": True})
+    """Mixture-of-Experts layers, if any (absent from the manifest's hash when none)."""
 
     def __post_init__(self) -> None:
+        if self.moe is not None and max(self.moe.layers) >= self.n_layers:
+            raise ConfigError(f"model.moe.layers must be blocks 0..{self.n_layers - 1}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive")
@@ -276,7 +324,11 @@ def load_profile(cls: type, path: str | Path | None, **overrides: Any):
 
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: _to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (getattr(obj, f.name) is None and f.metadata.get("omit_if_none"))
+        }
     if isinstance(obj, (tuple, list)):
         return [_to_plain(v) for v in obj]
     return obj
@@ -309,6 +361,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where)
+    if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_coerce(typing.get_args(hint)[0], v, where) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(f"{where}: expected a list of {len(typing.get_args(hint))} items")

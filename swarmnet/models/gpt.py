@@ -67,14 +67,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block: pre-norm attention and pre-norm MLP, each added to the residual."""
+    """One transformer block: pre-norm attention and pre-norm MLP, each added to the residual.
 
-    def __init__(self, config: ModelConfig):
+    Block `layer` listed in `config.moe.layers` has a Mixture-of-Experts layer (a gate and remote
+    experts, `swarmnet.models.moe`) in place of its MLP."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
         self.norm2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
+        if config.moe is not None and layer in config.moe.layers:
+            from swarmnet.models.moe import MoELayer  # moe builds on this module
+
+            self.mlp = MoELayer(config, layer)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))  # (B, T, d_model)
@@ -118,7 +126,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed = Embedding(config)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.head = Head(config)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

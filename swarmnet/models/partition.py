@@ -21,6 +21,7 @@ from torch import nn
 from swarmnet.config import ModelConfig, RunManifest
 from swarmnet.errors import ConfigError
 from swarmnet.models.gpt import Block, Embedding, Head, init_parameters
+from swarmnet.models.moe import build_expert, expert_batch_tokens, max_expert_tokens, uid_of
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class StageModule(nn.Module):
         self.config = config
         self.layers = layers
         self.embed = Embedding(config) if has_embed else None
-        self.blocks = nn.ModuleList(Block(config) for _ in layers)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in layers)
         self.head = Head(config) if has_head else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +137,31 @@ def build_stage(manifest: RunManifest, stage: int) -> StageModule:
     module.init_parameters(manifest.training.seed)
     logger.debug("built stage %d/%d with blocks %s", stage, num_stages, list(layers))
     return module
+
+
+def build_unit(manifest: RunManifest, unit: int) -> nn.Module:
+    """Builds a unit: a pipeline stage, or an expert (units from `num_stages` on)."""
+    uid = uid_of(manifest, unit)
+    return build_stage(manifest, unit) if uid is None else build_expert(manifest, uid)
+
+
+def unit_batch_size(manifest: RunManifest, unit: int) -> int:
+    """Samples (a stage) or tokens (an expert) a unit's replicas accumulate per optimizer step."""
+    return manifest.training.target_batch_size if uid_of(manifest, unit) is None else expert_batch_tokens(manifest)
+
+
+def unit_input_spec(manifest: RunManifest, unit: int) -> TensorSpec:
+    """A stage's input, or an expert's: a flat batch of tokens' activations (N, d_model)."""
+    if uid_of(manifest, unit) is None:
+        return stage_input_spec(manifest, unit)
+    return TensorSpec((max_expert_tokens(manifest), manifest.model.d_model), torch.float32)
+
+
+def unit_output_spec(manifest: RunManifest, unit: int) -> TensorSpec:
+    """A stage's output, or an expert's (the shape of its input)."""
+    if uid_of(manifest, unit) is None:
+        return stage_output_spec(manifest, unit)
+    return unit_input_spec(manifest, unit)
 
 
 def stage_input_spec(manifest: RunManifest, stage: int) -> TensorSpec:

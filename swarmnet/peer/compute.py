@@ -11,6 +11,7 @@ mean over its `target_batch_size` samples wherever the microbatches were compute
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from swarmnet.config import OptimizerConfig
+from swarmnet.models.moe import MoERuntime
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class StageComputer:
         self.samples_seen = 0
         """Samples back-propagated by this computer since it was built (never reset)."""
         self.step = 0
+        self.moe: MoERuntime | None = None
+        """Set when the module has Mixture-of-Experts layers (`models.moe.attach_experts`)."""
         self.auto_step = True
         """Step as soon as this computer alone has `target_batch_size` samples (a stage served by
         one peer). Stage swarms turn it off and step through `apply_gradient_sum` after averaging."""
@@ -61,19 +65,43 @@ class StageComputer:
         with torch.no_grad():
             return self.module(x.to(self.device)).cpu()
 
-    def backward(self, x: torch.Tensor, grad_output: torch.Tensor) -> BackwardResult:
-        """Recomputes the forward of `x` with grad, back-propagates `grad_output`, accumulates."""
+    def forward_traced(self, x: torch.Tensor) -> tuple[torch.Tensor, list | None]:
+        """`forward`, plus what its MoE layers routed and their experts answered (None without
+        MoE layers): `backward` replays it instead of asking the experts again."""
+        if self.moe is None:
+            return self.forward(x), None
+        with self.moe.recording() as trace:
+            output = self.forward(x)
+        return output, trace
+
+    def backward(self, x: torch.Tensor, grad_output: torch.Tensor, trace: list | None = None) -> BackwardResult:
+        """Recomputes the forward of `x` with grad (replaying `trace`, see `forward_traced`),
+        back-propagates `grad_output` (plus any MoE balancing loss), accumulates."""
         x = self._input_with_grad(x)
-        output = self.module(x)
-        output.backward(grad_output.to(self.device, output.dtype))
+        with self._moe_pass(trace) as balancing:
+            output = self.module(x)
+            extra = balancing(len(x))
+            grad_output = grad_output.to(self.device, output.dtype)
+            if extra is None:
+                output.backward(grad_output)
+            else:
+                torch.autograd.backward([output, extra], [grad_output, None])
         return self._finish(x, len(x), loss=None)
 
     def loss_backward(self, x: torch.Tensor, targets: torch.Tensor) -> BackwardResult:
         """Last stage: computes the loss against `targets` and back-propagates it, in one pass."""
         x = self._input_with_grad(x)
-        loss = self.module.loss(x, targets.to(self.device))
-        (loss * len(x)).backward()
+        with self._moe_pass(None) as balancing:
+            loss = self.module.loss(x, targets.to(self.device))
+            extra = balancing(len(x))
+            objective = loss * len(x)
+            (objective if extra is None else objective + extra).backward()
         return self._finish(x, len(x), loss=float(loss.detach()))
+
+    def _moe_pass(self, trace: list | None):
+        if self.moe is None:
+            return contextlib.nullcontext(lambda samples: None)
+        return self.moe.replaying(trace)
 
     def evaluate(self, x: torch.Tensor, targets: torch.Tensor) -> float:
         with torch.no_grad():

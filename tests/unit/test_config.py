@@ -11,6 +11,7 @@ import pytest
 from swarmnet.config import (
     DataConfig,
     ModelConfig,
+    MoEConfig,
     OptimizerConfig,
     PeerConfig,
     RetryConfig,
@@ -124,6 +125,7 @@ FIELD_CHANGES = {
     ("model", "n_heads"): 6,
     ("model", "d_ff"): 128,
     ("model", "max_seq_len"): 64,
+    ("model", "moe"): MoEConfig(layers=(0,), num_experts=2, top_k=1),
     ("optimizer", "name"): "adamw",
     ("optimizer", "lr"): 2e-05,
     ("optimizer", "betas"): (0.8, 0.999),
