@@ -186,7 +186,7 @@ class StageAverager:
 
     async def _tick(self) -> None:
         me = self.dht.peer_id
-        servers, records = await read_stage_and_progress(self.dht, self.manifest.run_id, self.stage, include_leaving=True)
+        servers, records = await read_stage_and_progress(self.dht, self.manifest, self.stage, include_leaving=True)
         others = self._parse_progress(records)
         addresses = {info.peer_id: record.averaging_addr for info, record in servers if record.averaging_addr}
         self._addresses = addresses
@@ -387,7 +387,7 @@ class StageAverager:
             return f"this peer is at step {self.epoch}, not {handoff.epoch}"
         if self.strategy.handoff_numel is None or handoff.numel != self.strategy.handoff_numel:
             return "this stage takes no handoff of that size"
-        if not 0 < handoff.weight <= self.manifest.training.target_batch_size:
+        if not 0 < handoff.weight <= self.strategy.target_samples:
             return f"handoff of {handoff.weight} samples is out of range"
         return None
 

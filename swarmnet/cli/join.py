@@ -1,4 +1,4 @@
-"""`swarmnet join`: serve a pipeline stage of the run found through the DHT."""
+"""`swarmnet join`: serve a pipeline stage, or an expert, of the run found through the DHT."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ from swarmnet.config import PeerConfig, load_profile
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("join", help="join a run as a stage server")
+    p = commands.add_parser("join", help="join a run as a stage or expert server")
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any live peer")
-    p.add_argument("--stage", type=_stage, default=None, help="stage index, or 'auto' (default) for the bottleneck")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--stage", type=_stage, default=None, help="stage index, or 'auto' (default) for the bottleneck")
+    what.add_argument(
+        "--expert", default=None, help="serve an expert of the run's MoE layers: its uid (expert.<layer>.<index>) or 'auto'"
+    )
     p.add_argument("--run-id", default=None, help="follow this run (default: the coordinator's)")
     p.add_argument("--profile", default=None, help="peer profile TOML (see peers/)")
     p.add_argument("--identity", default=None, help="persistent key file (default: a fresh identity)")
@@ -37,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
                 config=config,
                 initial_peers=args.initial_peers,
                 stage=args.stage,
+                expert=args.expert,
                 run_id=args.run_id,
                 identity=identity,
                 stop=stop,

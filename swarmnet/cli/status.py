@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"run {manifest.run_id} ({manifest.name}): {manifest.training.num_stages} stages")
                 print(f"{'stage':>5}  {'peer':<14} {'samples/s':>10} {'queue':>5} {'step':>6}  device")
                 for stage in range(manifest.training.num_stages):
-                    found = await read_stage(dht, manifest.run_id, stage)
+                    found = await read_stage(dht, manifest, stage)
                     if not found:
                         print(f"{stage:>5}  {'(no peers)':<14}")
                     for info, record in found:

@@ -78,7 +78,7 @@ class StageArchive:
 
     async def archive_stage(self, stage: int) -> bool:
         """Downloads `stage`'s state if its peers are past the archived step; True if it did."""
-        found = await read_stage(self.dht, self.run_id, stage)
+        found = await read_stage(self.dht, self.manifest, stage)
         held = self.held.get(stage)
         held_step = held.step if held is not None else -1
         if not found or max(info.step for info, _ in found) <= held_step:

@@ -17,8 +17,15 @@ def stage_key(run_id: str, stage: int) -> str:
     return f"{PREFIX}{run_id}/stage/{stage}"
 
 
+def expert_key(run_id: str, prefix: str) -> str:
+    """Servers of the experts whose uids start with `prefix` (one MoE layer, `expert.3.`): subkey =
+    peer id → `StageServerRecord` with its `expert` uid. One read finds a layer's live experts."""
+    return f"{PREFIX}{run_id}/experts/{prefix}"
+
+
 def progress_key(run_id: str, stage: int) -> str:
-    """Progress of one stage's current step: subkey = peer id → `ProgressRecord`."""
+    """Progress of one unit's current step (a stage, or an expert by its unit index): subkey =
+    peer id → `ProgressRecord`."""
     return f"{PREFIX}{run_id}/stage/{stage}/progress"
 
 
@@ -43,6 +50,8 @@ def record_kind_for_key(key: str) -> str | None:
         return "stage_server"
     if len(parts) == 4 and parts[1] == "stage" and parts[2].isdigit() and parts[3] == "progress":
         return "progress"
+    if len(parts) == 3 and parts[1] == "experts" and parts[2]:
+        return "stage_server"
     if len(parts) == 2 and parts[1] == "trainers":
         return "trainer"
     if len(parts) == 2 and parts[1] == "archive":

@@ -30,7 +30,7 @@ class RecordError(SwarmnetError):
 
 @dataclass(frozen=True, kw_only=True)
 class StageServerRecord:
-    """A peer serving one pipeline stage, refreshed by its heartbeat."""
+    """A peer serving one pipeline stage or one expert, refreshed by its heartbeat."""
 
     KIND: ClassVar[str] = "stage_server"
     VERSION: ClassVar[int] = 1
@@ -51,6 +51,8 @@ class StageServerRecord:
     """Multiaddrs where the peer can be reached."""
     averaging_addr: str | None = None
     """host:port of the peer's all-reduce data plane."""
+    expert: str | None = None
+    """The expert uid, for a peer serving an expert (then `stage` is the expert's unit index)."""
 
 
 @dataclass(frozen=True, kw_only=True)

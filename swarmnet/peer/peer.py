@@ -15,15 +15,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from swarmnet.averaging.allreduce import AllReduceServer
-from swarmnet.config import PeerConfig
+from swarmnet.config import PeerConfig, RunManifest
 from swarmnet.dht.identity import Identity
 from swarmnet.dht.manifests import fetch_manifest, keep_manifest, peer_ids_of
 from swarmnet.dht.node import SwarmDHT
-from swarmnet.dht.stages import read_swarm
+from swarmnet.dht.stages import read_experts, read_swarm
 from swarmnet.errors import ConfigError
+from swarmnet.models.moe import expert_uids, uid_of, unit_of
 from swarmnet.peer.checkpoint import CheckpointStore
 from swarmnet.peer.session import PeerContext, serve_stage
-from swarmnet.pipeline.stage_choice import choose_stage
+from swarmnet.pipeline.stage_choice import choose_expert, choose_stage
 from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ async def run_peer(
     initial_peers: Sequence[str],
     stage: int | None,
     run_id: str | None,
+    expert: str | None = None,
     identity: Identity,
     stop: asyncio.Event,
 ) -> None:
-    """Serves stages until `stop` is set. `stage=None` means auto (the bottleneck stage)."""
+    """Serves stages until `stop` is set. `stage=None` means auto (the bottleneck stage). With
+    `expert` (a uid, or `auto` for the least served expert) it serves that expert instead."""
     launched = time.monotonic()
     dht = await SwarmDHT.create(identity=identity, initial_peers=initial_peers, host=config.host, port=config.port)
     async with dht:
@@ -46,7 +49,9 @@ async def run_peer(
             dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers), timeout=config.manifest_timeout
         )
         num_stages = manifest.training.num_stages
-        if stage is None:
+        if expert is not None:
+            stage = await _claim_expert(dht, manifest, expert)
+        elif stage is None:
             held = {}
             if config.checkpoint_dir:
                 store = CheckpointStore(Path(config.checkpoint_dir), manifest.run_id)
@@ -64,8 +69,26 @@ async def run_peer(
                     dht=dht, manifest=manifest, config=config, allreduce=allreduce, metrics_addr=metrics_addr, launched=launched
                 )
                 while stage is not None and not stop.is_set():
-                    logger.info("run %s (%s): serving stage %d of %d", manifest.run_id, manifest.name, stage, num_stages)
+                    what = uid_of(manifest, stage) or f"stage {stage} of {num_stages}"
+                    logger.info("run %s (%s): serving %s", manifest.run_id, manifest.name, what)
                     stage = await serve_stage(ctx, stage, stop)
         finally:
             keeper.cancel()
     events.emit("stopped", role="peer", peer_id=identity.peer_id)
+
+
+async def _claim_expert(dht: SwarmDHT, manifest: RunManifest, expert: str) -> int:
+    """The unit of the expert to serve: `expert` itself, or for `auto` the one with the fewest
+    replicas (then the least throughput), found by reading every MoE layer's prefix."""
+    uids = expert_uids(manifest)
+    if not uids:
+        raise ConfigError(f"run {manifest.run_id} has no Mixture-of-Experts layers: join a --stage instead")
+    if expert != "auto":
+        return unit_of(manifest, expert)
+    replicas = {}
+    for layer in sorted(manifest.model.moe.layers):
+        for uid, found in (await read_experts(dht, manifest, layer)).items():
+            replicas[uid] = [info for info, _ in found]
+    uid = choose_expert(uids, replicas, random.Random())
+    logger.info("claiming %s (replicas now: %s)", uid, {u: len(replicas.get(u, [])) for u in uids})
+    return unit_of(manifest, uid)

@@ -16,7 +16,7 @@ import torch
 
 from swarmnet.config import PeerConfig, RunManifest
 from swarmnet.errors import BadRequestError, PeerUnavailableError, UnknownMicrobatchError, UnknownRunError
-from swarmnet.models.partition import TensorSpec, stage_input_spec, stage_output_spec, target_spec
+from swarmnet.models.partition import TensorSpec, target_spec, unit_input_spec, unit_output_spec
 from swarmnet.peer.cache import ExpiringCache
 from swarmnet.peer.compute import StageComputer
 from swarmnet.peer.executor import ComputeExecutor
@@ -31,7 +31,8 @@ MAX_MICROBATCH_ID = 128
 
 
 class StageServing:
-    """Implements `swarmnet.protocols.stage.StageBackend` for one stage of one run."""
+    """Implements `swarmnet.protocols.stage.StageBackend` for one unit of one run: a pipeline stage,
+    or an expert (whose calls come from the MoE gates of stage peers, with its unit index)."""
 
     def __init__(
         self,
@@ -48,9 +49,12 @@ class StageServing:
         self.computer = computer
         self.meter = meter
         self.executor = ComputeExecutor(max_queue=config.max_queue, torch_threads=config.compute_threads)
-        self.cache: ExpiringCache[torch.Tensor] = ExpiringCache(config.input_cache_size, config.input_cache_ttl)
-        self.input_spec = stage_input_spec(manifest, stage)
-        self.output_spec = stage_output_spec(manifest, stage)
+        self.cache: ExpiringCache[tuple[torch.Tensor, list | None]] = ExpiringCache(
+            config.input_cache_size, config.input_cache_ttl
+        )
+        """(client, microbatch id) → the forward's input and its MoE trace (see `forward_traced`)."""
+        self.input_spec = unit_input_spec(manifest, stage)
+        self.output_spec = unit_output_spec(manifest, stage)
         self.target_spec = target_spec(manifest)
         self.on_backward: Callable[[], None] | None = None
         """Called (on the event loop) after every backward: the stage's averaging checks progress."""
@@ -128,9 +132,9 @@ class StageServing:
             self._observe("loss_backward", len(x), start, stepped=result.stepped)
             self._backward_done()
             return ForwardResult(output=None, grad_input=result.grad_input, loss=result.loss, step=self.computer.step)
-        output = await self.executor.run(self.computer.forward, x)
+        output, trace = await self.executor.run(self.computer.forward_traced, x)
         self._observe("forward", len(x), start, stepped=False)
-        self.cache.put((client, request.microbatch_id), x)
+        self.cache.put((client, request.microbatch_id), (x, trace))
         return ForwardResult(output=output, grad_input=None, loss=None, step=self.computer.step)
 
     async def backward(
@@ -138,15 +142,16 @@ class StageServing:
     ) -> tuple[torch.Tensor | None, int]:
         _check_finite(grad_output, "grad_output")
         key = (client, request.microbatch_id)
-        x = self.cache.get(key)
-        if x is None:
+        cached = self.cache.get(key)
+        if cached is None:
             raise UnknownMicrobatchError(f"no cached input for microbatch {request.microbatch_id!r}")
+        x, trace = cached
         if len(x) != len(grad_output):
             raise BadRequestError("grad_output batch size differs from the forward's input")
         start = time.perf_counter()
         self.in_flight += 1
         try:
-            result = await self.executor.run(self.computer.backward, x, grad_output)
+            result = await self.executor.run(self.computer.backward, x, grad_output, trace)
         finally:
             self.in_flight -= 1
             self.last_call = time.monotonic()
@@ -156,6 +161,8 @@ class StageServing:
         return result.grad_input, self.computer.step
 
     def _backward_done(self) -> None:
+        if self.computer.moe is not None and self.computer.moe.last_aux_loss is not None:
+            metrics.MOE_AUX_LOSS.set(self.computer.moe.last_aux_loss)
         if self.on_backward is not None:
             self.on_backward()
 

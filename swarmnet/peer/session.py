@@ -28,14 +28,15 @@ from swarmnet.averaging.state import check_entries, load_state, snapshot_state
 from swarmnet.averaging.strategies import make_strategy
 from swarmnet.averaging.sync import NoStateSourceError, download_state
 from swarmnet.config import PeerConfig, RunManifest
-from swarmnet.dht import keys
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.records import StageServerRecord
-from swarmnet.dht.stages import read_archives, read_stage, read_swarm
+from swarmnet.dht.stages import read_archives, read_stage, read_swarm, server_key
 from swarmnet.errors import StateSyncError
-from swarmnet.models.partition import build_stage
+from swarmnet.models.moe import NoExperts, attach_experts, moe_layers, uid_of
+from swarmnet.models.partition import build_unit, unit_batch_size
 from swarmnet.peer.checkpoint import CheckpointStore
 from swarmnet.peer.compute import StageComputer
+from swarmnet.peer.experts import RemoteExperts
 from swarmnet.peer.serving import StageServing
 from swarmnet.peer.throughput import measure_throughput
 from swarmnet.pipeline.rebalance import move_delay, plan_move
@@ -61,20 +62,29 @@ class PeerContext:
 
 
 async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int | None:
-    """Serves `stage` until `stop` (returns None) or until moving pays off (returns the new stage)."""
+    """Serves unit `stage` — a pipeline stage, or an expert (units from `num_stages` on) — until
+    `stop` (returns None) or until moving pays off (returns the new stage; experts never move)."""
     dht, manifest, config = ctx.dht, ctx.manifest, ctx.config
     run_id = manifest.run_id
 
+    uid = uid_of(manifest, stage)  # an expert's uid; None for a pipeline stage
+
     def build():
-        computer = StageComputer(
-            build_stage(manifest, stage), manifest.optimizer, target_batch_size=manifest.training.target_batch_size, device=config.device
-        )
+        module = build_unit(manifest, stage)
+        computer = StageComputer(module, manifest.optimizer, target_batch_size=unit_batch_size(manifest, stage), device=config.device)
+        gates = moe_layers(module)
+        if gates:  # the probe times the stage without its experts (they are measured on their own peers)
+            computer.moe = attach_experts(module, NoExperts(manifest.model.moe.num_experts))
         meter = measure_throughput(computer, manifest, stage)
-        return computer, meter, make_strategy(computer, manifest.averaging)
+        return computer, meter, make_strategy(computer, manifest.averaging), [gate.layer for gate in gates]
 
     # Off the event loop: we are in the DHT already, and other nodes' requests to us (and so
     # their own DHT reads) must not wait for model construction, lazy torch imports or the probe.
-    computer, meter, strategy = await asyncio.to_thread(build)
+    computer, meter, strategy, gate_layers = await asyncio.to_thread(build)
+    experts = None
+    if gate_layers:  # this stage holds MoE gates: their experts are other peers
+        experts = RemoteExperts(dht, manifest, gate_layers, loop=asyncio.get_running_loop())
+        computer.moe = attach_experts(computer.module, experts)
     serving = StageServing(manifest, stage, computer, meter, config)
     executor = serving.executor
 
@@ -96,7 +106,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         for attempt in range(SYNC_ATTEMPTS):
             sources = [
                 (info.peer_id, record.maddrs)
-                for info, record in await read_stage(dht, run_id, stage)
+                for info, record in await read_stage(dht, manifest, stage)
                 if info.peer_id != dht.peer_id and (only is None or info.peer_id in only)
             ]
             if not sources:
@@ -122,7 +132,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
 
     async def restore() -> str:
         """Loads the newest state available for joining the stage; returns where it came from."""
-        mates = [(info, record) for info, record in await read_stage(dht, run_id, stage) if info.peer_id != dht.peer_id]
+        mates = [(info, record) for info, record in await read_stage(dht, manifest, stage) if info.peer_id != dht.peer_id]
         local = await asyncio.to_thread(store.latest, stage) if store is not None else None
         local_step = local.step if local is not None else -1
         if mates:
@@ -180,9 +190,12 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 metrics_addr=ctx.metrics_addr,
                 maddrs=maddrs,
                 averaging_addr=f"{ctx.allreduce.host}:{ctx.allreduce.port}",
+                expert=uid,
             )
 
-        key = keys.stage_key(run_id, stage)
+        key = server_key(manifest, stage)
+        if experts is not None:
+            await experts.refresh()
         if not await dht.put(key, record(), config.record_ttl):
             logger.warning("first announcement was not stored by any DHT node; will retry")
         await averager.refresh_digest()
@@ -191,6 +204,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             role="peer",
             peer_id=dht.peer_id,
             stage=stage,
+            expert=uid,
             run_id=run_id,
             step=averager.digest_epoch,
             digest=averager.digest,
@@ -201,7 +215,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             startup_s=round(time.monotonic() - ctx.launched, 3),
             sockets=dht.p2pd_sockets(),
         )
-        logger.info("serving stage %d as %s (%.1f samples/s)", stage, dht.peer_id, meter.samples_per_s)
+        logger.info("serving %s as %s (%.1f samples/s)", uid or f"stage {stage}", dht.peer_id, meter.samples_per_s)
         move = asyncio.Event()
         target: list[int] = []
         async with asyncio.TaskGroup() as tasks:
@@ -210,7 +224,10 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             ctx.allreduce.handoff_target = averager
             if store is not None:
                 background.append(tasks.create_task(checkpoints.run(config.progress_period)))
-            rebalancer = tasks.create_task(_rebalance(ctx, stage, move, target)) if config.rebalance_period else None
+            if experts is not None:
+                background.append(tasks.create_task(experts.run()))
+            # Experts do not move: `--expert auto` already claimed the least served one.
+            rebalancer = tasks.create_task(_rebalance(ctx, stage, move, target)) if config.rebalance_period and uid is None else None
             stopper = tasks.create_task(stop.wait())
             mover = tasks.create_task(move.wait())
             await asyncio.wait([stopper, mover], return_when=asyncio.FIRST_COMPLETED)
@@ -231,6 +248,8 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             events.emit("moving", role="peer", peer_id=dht.peer_id, stage=stage, to=target[0])
         return target[0] if target else None
     finally:
+        if experts is not None:
+            experts.closed = True
         if ctx.allreduce.handoff_target is averager:
             ctx.allreduce.handoff_target = None
         await averager.publish_left()

@@ -7,7 +7,7 @@ import time
 import torch
 
 from swarmnet.config import RunManifest
-from swarmnet.models.partition import stage_input_spec, stage_output_spec, target_spec
+from swarmnet.models.partition import target_spec, unit_input_spec, unit_output_spec
 from swarmnet.peer.compute import StageComputer
 
 
@@ -30,9 +30,10 @@ class ThroughputMeter:
 
 
 def measure_throughput(computer: StageComputer, manifest: RunManifest, stage: int, *, repeats: int = 2) -> ThroughputMeter:
-    """Times forward and backward on synthetic microbatches; leaves no gradients behind."""
+    """Times forward and backward on synthetic microbatches of a unit (a stage, or an expert: then
+    samples are tokens); leaves no gradients behind."""
     meter = ThroughputMeter(alpha=0.5)
-    spec = stage_input_spec(manifest, stage)
+    spec = unit_input_spec(manifest, stage)
     last = stage == manifest.training.num_stages - 1
     generator = torch.Generator().manual_seed(0)
     if spec.dtype == torch.int64:
@@ -47,7 +48,7 @@ def measure_throughput(computer: StageComputer, manifest: RunManifest, stage: in
             _dry(computer, lambda: computer.module.loss(computer._input_with_grad(x), targets) * batch)
             meter.record("loss_backward", batch, time.perf_counter() - start)
         else:
-            grad = torch.randn(stage_output_spec(manifest, stage).shape, generator=generator)
+            grad = torch.randn(unit_output_spec(manifest, stage).shape, generator=generator)
             start = time.perf_counter()
             computer.forward(x)
             meter.record("forward", batch, time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Which stage a joining peer should serve (`swarmnet join --stage auto`).
+"""Which stage (`swarmnet join --stage auto`) or expert (`--expert auto`) a joining peer serves.
 
 A pipeline runs only as fast as its slowest stage, so a new peer joins the bottleneck: the stage with
 the least total advertised throughput. An empty stage has throughput 0, so it always comes first.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
 
-from swarmnet.pipeline.snapshot import SwarmSnapshot
+from swarmnet.pipeline.snapshot import PeerInfo, SwarmSnapshot
 
 _REL_TOL = 1e-9
 """Stage throughputs this close are a tie (sums of floats in another order differ in the last bits)."""
@@ -45,3 +46,28 @@ def choose_stage(
     if len(candidates) == 1:
         return candidates[0]
     return (rng or random.Random()).choice(candidates)
+
+
+def choose_expert(
+    uids: Sequence[str], replicas: Mapping[str, Sequence[PeerInfo]], rng: random.Random | None = None
+) -> str:
+    """Which expert a joining peer claims (`swarmnet join --expert auto`): the one with the fewest
+    live replicas, then the least total throughput, then at random among ties (so that peers
+    joining together from the same view spread out). `replicas` maps uid → its announced servers;
+    uids outside `uids` are ignored.
+
+    Raises `ValueError` if the run has no experts.
+    """
+    if not uids:
+        raise ValueError("cannot choose an expert: the run has no Mixture-of-Experts layers")
+
+    def load(uid: str) -> tuple[int, float]:
+        peers = replicas.get(uid, ())
+        return len(peers), sum(p.throughput for p in peers)
+
+    fewest = min(load(uid)[0] for uid in uids)
+    least = min(load(uid)[1] for uid in uids if load(uid)[0] == fewest)
+    candidates = [
+        uid for uid in uids if load(uid)[0] == fewest and math.isclose(load(uid)[1], least, rel_tol=_REL_TOL, abs_tol=1e-12)
+    ]
+    return candidates[0] if len(candidates) == 1 else (rng or random.Random()).choice(candidates)

@@ -32,6 +32,18 @@ ARCHIVED_STEP = Gauge("swarmnet_archive_step", "Step of the archived state of ea
 SUSPECTED_PEERS = Counter(
     "swarmnet_averaging_suspected_peers_total", "Stage-mates left out of rounds because they did not answer a ping"
 )
+EXPERT_CALLS = Counter(
+    "swarmnet_expert_calls_total", "Calls from this peer's MoE gates to remote experts, by kind and outcome", ["kind", "outcome"]
+)
+EXPERT_CALL_SECONDS = Histogram(
+    "swarmnet_expert_call_seconds", "Duration of successful remote expert calls", ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+MOE_TOKENS = Counter(
+    "swarmnet_moe_token_slots_total", "Token slots routed by this peer's MoE gates, by outcome (answered, unanswered)", ["outcome"]
+)
+MOE_AUX_LOSS = Gauge("swarmnet_moe_balancing_loss", "Load-balancing loss of this peer's MoE gates in the last backward")
+LIVE_EXPERTS = Gauge("swarmnet_moe_live_experts", "Experts of each MoE layer with a reachable replica", ["layer"])
 TRAINER_LOSS = Gauge("swarmnet_trainer_loss", "Mean training loss of the last step")
 TRAINER_SAMPLES = Counter("swarmnet_trainer_samples_total", "Samples completed by this trainer")
 TRAINER_DROPPED = Counter("swarmnet_trainer_microbatches_dropped_total", "Microbatches given up after retries")

@@ -1,4 +1,4 @@
-"""`LocalSwarm`: a coordinator, stage peers and trainers as real local processes on 127.0.0.1.
+"""`LocalSwarm`: a coordinator, stage and expert peers and trainers as real local processes on 127.0.0.1.
 
 Used by the demo and by the integration tests. Every process it starts is stopped (SIGTERM, then
 SIGKILL of its process group) and reaped when the swarm is closed, even after a failure.
@@ -84,6 +84,15 @@ class LocalSwarm:
         peer = self.spawn(
             f"peer-s{stage}", "join", "--initial-peers", *(initial_peers or self.initial_peers), "--stage", str(stage),
             "--host", host or self.host, *extra, env=env, wrap=wrap,
+        )
+        if wait:
+            peer.wait_event("ready", STARTUP_TIMEOUT)
+        return peer
+
+    def start_expert(self, expert: str = "auto", *extra: str, wait: bool = True) -> ManagedProcess:
+        """Starts a peer serving an expert of the run's MoE layers (`join --expert`)."""
+        peer = self.spawn(
+            f"expert-{expert}", "join", "--initial-peers", *self.initial_peers, "--expert", expert, "--host", self.host, *extra
         )
         if wait:
             peer.wait_event("ready", STARTUP_TIMEOUT)

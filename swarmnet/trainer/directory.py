@@ -68,7 +68,7 @@ class StageDirectory:
         now = get_dht_time()
         known = {p.peer_id: p for p in self._peers.get(stage, []) if p.expires_at > now}
         try:
-            found, progress = await read_stage_and_progress(self.dht, self.manifest.run_id, stage)
+            found, progress = await read_stage_and_progress(self.dht, self.manifest, stage)
         except Exception as e:  # a failed DHT read leaves the known peers in place
             logger.warning("could not read stage %d from the DHT: %s", stage, e)
             found, progress = [], []

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from swarmnet.pipeline.snapshot import PeerInfo, SwarmSnapshot
-from swarmnet.pipeline.stage_choice import choose_stage
+from swarmnet.pipeline.stage_choice import choose_expert, choose_stage
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -152,3 +152,39 @@ def test_an_empty_stage_whose_state_we_hold_comes_first():
 def test_held_stages_that_are_served_or_out_of_range_change_nothing():
     snap = SwarmSnapshot(num_stages=2, peers=(peer("a", 0, 5.0), peer("b", 1, 1.0)))
     assert choose_stage(snap, random.Random(0), held={0: 9, 7: 1}) == choose_stage(snap, random.Random(0)) == 1
+
+
+# --- experts --------------------------------------------------------------------------------------
+
+
+def _expert_peer(n: int, uid_index: int, throughput: float) -> PeerInfo:
+    return PeerInfo(peer_id=f"p{n}", stage=10 + uid_index, throughput=throughput, queue_depth=0)
+
+
+def test_choose_expert_prefers_fewest_replicas_then_least_throughput():
+    uids = ["expert.0.0", "expert.0.1", "expert.0.2"]
+    replicas = {
+        "expert.0.0": [_expert_peer(1, 0, 5.0)],
+        "expert.0.1": [_expert_peer(2, 1, 1.0)],
+        "expert.0.2": [_expert_peer(3, 2, 9.0), _expert_peer(4, 2, 1.0)],
+    }
+    assert choose_expert(uids, replicas) == "expert.0.1"
+    assert choose_expert(uids, {**replicas, "expert.0.1": []}) == "expert.0.1"
+    assert choose_expert(uids, {"expert.0.9": [_expert_peer(5, 9, 1.0)]}, random.Random(0)) in uids
+    with pytest.raises(ValueError):
+        choose_expert([], {})
+
+
+def test_peers_claiming_experts_one_after_another_spread_over_all_of_them():
+    uids = [f"expert.1.{i}" for i in range(4)]
+    replicas: dict[str, list[PeerInfo]] = {}
+    rng = random.Random(3)
+    for n in range(8):
+        uid = choose_expert(uids, replicas, rng)
+        replicas.setdefault(uid, []).append(_expert_peer(n, uids.index(uid), 1.0))
+    assert sorted(len(v) for v in replicas.values()) == [2, 2, 2, 2]
+
+
+def test_ties_are_broken_at_random():
+    uids = [f"expert.1.{i}" for i in range(4)]
+    assert len({choose_expert(uids, {}, random.Random(seed)) for seed in range(40)}) == 4
