@@ -1,7 +1,8 @@
 """`swarmnet demo`: a whole local swarm as real processes, a live progress line, a clean exit.
 
 Starts a coordinator, one peer per stage (or more) and a trainer on 127.0.0.1, trains the embedded
-demo run for a bounded time, then stops every process and prints a one-line summary.
+demo run for a bounded time, then stops every process and prints a one-line summary. With `--moe`
+the run has a Mixture-of-Experts layer, and expert peers (`join --expert auto`) serve its experts.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import json
 import sys
 import time
 
-from swarmnet.config import RunManifest, load_manifest
+from swarmnet.config import ModelConfig, MoEConfig, RunManifest, load_manifest
 from swarmnet.errors import SwarmnetError
+from swarmnet.models.moe import expert_uids
 from swarmnet.telemetry.logs import setup_logging
 
 
@@ -22,6 +24,11 @@ def add_parser(commands) -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="training time (default 60)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--peers-per-stage", type=int, default=1, help="stage servers per stage")
+    p.add_argument(
+        "--moe", action="store_true",
+        help="the embedded Mixture-of-Experts run: block 1's MLP becomes a gate and 4 experts served by expert peers",
+    )
+    p.add_argument("--expert-peers", type=int, default=None, help="expert peers with --moe (default: one per expert)")
     p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
     p.set_defaults(handler=main)
 
@@ -31,9 +38,20 @@ def main(args: argparse.Namespace) -> int:
     from swarmnet.testing.processes import ProcessFailed
     from swarmnet.testing.swarm import LocalSwarm
 
-    manifest = load_manifest(args.run) if args.run else RunManifest(name="demo")
+    if args.run:
+        manifest = load_manifest(args.run)
+    elif args.moe:
+        manifest = RunManifest(name="demo-moe", model=ModelConfig(moe=MoEConfig(layers=(1,), num_experts=4, top_k=2)))
+    else:
+        manifest = RunManifest(name="demo")
     stages = manifest.training.num_stages
-    print(f"swarmnet demo: run {manifest.run_id}, {stages} stages x {args.peers_per_stage} peers, {args.seconds:.0f} s")
+    num_experts = len(expert_uids(manifest))
+    expert_peers = 0 if not num_experts else (args.expert_peers if args.expert_peers is not None else num_experts)
+    print(
+        f"swarmnet demo: run {manifest.run_id}, {stages} stages x {args.peers_per_stage} peers"
+        + (f", {num_experts} experts on {expert_peers} peers" if num_experts else "")
+        + f", {args.seconds:.0f} s"
+    )
     swarm = LocalSwarm(manifest)
     summary = None
     try:
@@ -44,6 +62,12 @@ def main(args: argparse.Namespace) -> int:
             ready = peer.ready
             print(
                 f"  peer stage {ready['stage']}  serving {ready['received_after_s']:.1f} s after launch"
+                f"  metrics http://{ready['metrics']}/metrics"
+            )
+        for _ in range(expert_peers):  # one after another: each claims the least served expert
+            ready = swarm.start_expert("auto").ready
+            print(
+                f"  peer {ready['expert']}  serving {ready['received_after_s']:.1f} s after launch"
                 f"  metrics http://{ready['metrics']}/metrics"
             )
         trainer_args = ["--max-seconds", str(args.seconds)]
@@ -65,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         "final_loss": summary["final_loss"],
         "steps": summary["steps"],
         "samples_per_s": summary["samples_per_s"],
-        "peers": stages * args.peers_per_stage,
+        "peers": stages * args.peers_per_stage + expert_peers,
     }
     print(
         f"swarmnet demo: {result['steps']} steps, loss {_fmt(result['initial_loss'])} -> {_fmt(result['final_loss'])}, "

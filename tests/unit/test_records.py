@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import stat
 import time
@@ -14,7 +15,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 
-from swarmnet.config import ModelConfig, RunManifest, TrainingConfig
+from swarmnet.config import ModelConfig, MoEConfig, RunManifest, TrainingConfig
 from swarmnet.dht import keys
 from swarmnet.dht.identity import Identity, public_key_from_peer_id, verify_signature
 from swarmnet.dht.manifests import peer_ids_of, select_manifest
@@ -31,6 +32,7 @@ from swarmnet.dht.records import (
     decode_record,
     encode_record,
 )
+from swarmnet.dht.stages import read_experts
 from swarmnet.dht.validator import SwarmnetRecordValidator
 from swarmnet.errors import ConfigError, ManifestError
 
@@ -83,6 +85,7 @@ PLACED = {
         keys.stage_key(RUN_ID, 0),
         stage_record(stage=0, metrics_addr=None, maddrs=[]),
     ),
+    "expert_server": (keys.expert_key(RUN_ID, "expert.1."), stage_record(stage=3, expert="expert.1.1")),
     "trainer": (keys.trainer_key(RUN_ID), TrainerRecord(step=3, loss=2.5, samples_per_s=40.0)),
     "manifest": (keys.MANIFESTS, manifest_record()),
     "archive": (
@@ -441,6 +444,7 @@ def test_validator_rejects_a_wrong_expiration(identity, placed, delta):
         ("stage_server", keys.MANIFESTS),
         ("stage_server", keys.trainer_key(RUN_ID)),
         ("trainer", keys.stage_key(RUN_ID, 1)),
+        ("trainer", keys.expert_key(RUN_ID, "expert.1.")),
         ("manifest", keys.stage_key(RUN_ID, 0)),
         ("manifest", keys.trainer_key(RUN_ID)),
         ("trainer", "swarmnet/" + RUN_ID + "/unknown"),
@@ -556,3 +560,27 @@ def test_peer_ids_of():
     ]
     assert peer_ids_of(maddrs) == {"12D3KooWAlice", "12D3KooWBob", "12D3KooWCarol"}
     assert peer_ids_of([]) == set()
+
+
+def test_reading_a_layers_experts_keeps_only_consistent_records(identity, other):
+    moe = MoEConfig(layers=(1,), num_experts=2, top_k=1)
+    manifest = dataclasses.replace(MANIFEST, model=dataclasses.replace(MANIFEST.model, moe=moe))
+    key = keys.expert_key(manifest.run_id, "expert.1.")
+    good = stage_record(stage=3, expert="expert.1.1")
+    placed = [
+        (identity, good),
+        (other, stage_record(stage=2, expert="expert.1.1")),  # unit and uid disagree
+        (other, stage_record(stage=3, expert="expert.0.1")),  # another layer's uid
+        (other, stage_record(stage=3, expert=None)),  # a stage record under an expert key
+        (other, stage_record(stage=3, expert="expert.1.7")),  # no such expert
+    ]
+    signed = [decode_record(encode_record(who, key, record, EXPIRATION)) for who, record in placed]
+
+    class Records:  # answers `get` with fixed, genuinely signed records (no network here)
+        async def get(self, wanted):
+            return signed if wanted == key else []
+
+    found = asyncio.run(read_experts(Records(), manifest, 1))
+    assert list(found) == ["expert.1.1"]
+    ((info, record),) = found["expert.1.1"]
+    assert info.peer_id == identity.peer_id and info.stage == 3 and record == good

@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from swarmnet.config import ModelConfig, PeerConfig, RunManifest, TrainingConfig
+from swarmnet.config import ModelConfig, MoEConfig, PeerConfig, RunManifest, TrainingConfig
 from swarmnet.errors import BadRequestError, PeerUnavailableError, UnknownMicrobatchError, UnknownRunError
-from swarmnet.models.partition import build_stage
+from swarmnet.models.moe import unit_of
+from swarmnet.models.partition import build_stage, build_unit, unit_batch_size
 from swarmnet.peer.compute import StageComputer
 from swarmnet.peer.serving import MAX_MICROBATCH_ID, StageServing
 from swarmnet.peer.throughput import ThroughputMeter
@@ -366,3 +367,38 @@ def test_serving_steps_after_target_batch_size_samples(first):
 
 async def _sequence(fn, n: int) -> list:
     return [await fn(i) for i in range(n)]
+
+
+# --- experts ----------------------------------------------------------------------------------------
+
+
+def test_an_expert_unit_validates_and_computes_token_batches():
+    moe = MoEConfig(layers=(1,), num_experts=2, top_k=1, d_expert=16, expert_batch_tokens=24)
+    manifest = dataclasses.replace(MANIFEST, model=dataclasses.replace(MODEL, moe=moe))
+    unit = unit_of(manifest, "expert.1.1")
+    computer = StageComputer(build_unit(manifest, unit), manifest.optimizer, target_batch_size=unit_batch_size(manifest, unit))
+    serving = StageServing(manifest, unit, computer, ThroughputMeter(), PeerConfig())
+    try:
+        def request(*shape, dtype="float32", stage=unit):
+            return ForwardRequest(run_id=manifest.run_id, microbatch_id="e", stage=stage, input=header(dtype, *shape))
+
+        serving.check_forward(request(5, D))
+        serving.check_forward(request(B * T, D))
+        for bad in (request(B * T + 1, D), request(5, D + 1), request(B, T, D), request(5, D, dtype="float16")):
+            bad_request(serving.check_forward, bad)
+        with pytest.raises(PeerUnavailableError):
+            serving.check_forward(request(5, D, stage=0))
+        x = torch.randn(12, D)
+        with pytest.raises(BadRequestError):
+            run(serving.forward("gate", request(12, D), torch.full((12, D), float("nan")), None))
+        result = run(serving.forward("gate", request(12, D), x, None))
+        assert result.output.shape == (12, D) and result.grad_input is None
+        backward = BackwardRequest(run_id=manifest.run_id, microbatch_id="e", stage=unit, grad_output=header("float32", 12, D))
+        serving.check_backward(backward)
+        grad_input, step = run(serving.backward("gate", backward, torch.randn(12, D)))
+        assert grad_input.shape == (12, D) and step == 0
+        run(serving.forward("gate", request(12, D), x, None))
+        run(serving.backward("gate", backward, torch.randn(12, D)))
+        assert computer.step == 1  # 24 tokens: the expert's batch
+    finally:
+        serving.shutdown()
