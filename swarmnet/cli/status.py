@@ -9,7 +9,7 @@ from swarmnet.cli.runtime import run_role
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("status", help="print who serves each stage of a run")
+    p = commands.add_parser("status", help="print who serves each stage (and expert) of a run")
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any live peer")
     p.add_argument("--run-id", default=None, help="run to show (default: the coordinator's)")
     p.set_defaults(handler=main)
@@ -21,7 +21,8 @@ def main(args: argparse.Namespace) -> int:
         from swarmnet.dht.identity import Identity
         from swarmnet.dht.manifests import fetch_manifest, peer_ids_of
         from swarmnet.dht.node import SwarmDHT
-        from swarmnet.dht.stages import read_stage
+        from swarmnet.dht.stages import read_experts, read_stage
+        from swarmnet.models.moe import expert_uid
 
         identity = Identity.ephemeral()
         try:
@@ -38,6 +39,19 @@ def main(args: argparse.Namespace) -> int:
                             f"{stage:>5}  …{info.peer_id[-12:]:<13} {info.throughput:>10.1f} "
                             f"{info.queue_depth:>5} {info.step:>6}  {record.device}"
                         )
+                moe = manifest.model.moe
+                for layer in sorted(moe.layers) if moe else []:
+                    print(f"MoE layer {layer}: {moe.num_experts} experts, top-{moe.top_k}")
+                    found = await read_experts(dht, manifest, layer)
+                    for index in range(moe.num_experts):
+                        uid = expert_uid(layer, index)
+                        if not found.get(uid):
+                            print(f"  {uid:<14} (no peers)")
+                        for info, record in found.get(uid, []):
+                            print(
+                                f"  {uid:<14} …{info.peer_id[-12:]:<13} {info.throughput:>10.1f} tokens/s "
+                                f"{info.queue_depth:>5} {info.step:>6}  {record.device}"
+                            )
                 for signed in await dht.get(keys.trainer_key(manifest.run_id)):
                     t = signed.record
                     print(f"trainer …{signed.peer_id[-12:]}: step {t.step} loss {t.loss:.4f} {t.samples_per_s:.1f} samples/s")
