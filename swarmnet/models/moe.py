@@ -210,7 +210,7 @@ def plan_routes(logits: torch.Tensor, alive: torch.Tensor, top_k: int, capacity:
 def gate_weights(probs: torch.Tensor, routes: Routes, answered: torch.Tensor) -> torch.Tensor:
     """(N, top_k) mixing weights: the gate's probability of each answered slot, renormalized over
     the token's answered slots (zero for a token no expert answered)."""
-    g = probs.gather(1, routes.experts.clamp(min=0)) * answered
+    g = probs.gather(1, routes.experts.clamp(min=0).to(probs.device)) * answered.to(probs.device)
     return g / g.sum(dim=1, keepdim=True).clamp(min=1e-9)
 
 
@@ -221,7 +221,7 @@ def load_balancing_loss(probs: torch.Tensor, routes: Routes) -> torch.Tensor:
     chosen = routes.top1[routes.top1 >= 0]
     if chosen.numel() == 0:
         return probs.sum() * 0.0
-    share = torch.bincount(chosen, minlength=E).float() / chosen.numel()
+    share = (torch.bincount(chosen, minlength=E).float() / chosen.numel()).to(probs.device)
     return E * (share * probs.mean(dim=0)).sum()
 
 
@@ -231,12 +231,13 @@ class _ExpertCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, experts, layer, routes, answers):
         ctx.experts, ctx.layer, ctx.routes, ctx.answers = experts, layer, routes, answers
-        return answers.values.clone()
+        return answers.values.to(tokens.device, copy=True)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_tokens = ctx.experts.backward(ctx.layer, ctx.routes, ctx.answers, grad.contiguous())
-        return grad_tokens, None, None, None, None
+        # Experts take and return CPU tensors (they go over the network): move across if needed.
+        grad_tokens = ctx.experts.backward(ctx.layer, ctx.routes, ctx.answers, grad.detach().cpu().contiguous())
+        return grad_tokens.to(grad.device), None, None, None, None
 
 
 class MoELayer(nn.Module):
@@ -260,17 +261,17 @@ class MoELayer(nn.Module):
         if recorded is None:
             experts = self.runtime.experts
             alive = experts.alive(self.layer)
-            routes = plan_routes(logits, alive, self.moe.top_k, expert_capacity(self.moe, B * T))
-            answers = experts.forward(self.layer, routes, tokens.detach())
+            routes = plan_routes(logits.detach().cpu(), alive, self.moe.top_k, expert_capacity(self.moe, B * T))
+            answers = experts.forward(self.layer, routes, tokens.detach().cpu())
             self.runtime.record(self.layer, routes, answers)
         else:
             routes, answers = recorded
         if torch.is_grad_enabled():
             values = _ExpertCall.apply(tokens, self.runtime.experts, self.layer, routes, answers)  # (N, k, d)
         else:
-            values = answers.values
+            values = answers.values.to(tokens.device)
         if routes.alive.any():
-            probs = torch.softmax(logits.masked_fill(~routes.alive, float("-inf")), dim=1)  # (N, E)
+            probs = torch.softmax(logits.masked_fill(~routes.alive.to(logits.device), float("-inf")), dim=1)  # (N, E)
         else:
             probs = torch.zeros_like(logits)
         weights = gate_weights(probs, routes, answers.answered)  # (N, k)
