@@ -62,7 +62,7 @@ from swarmnet.config import (
     load_manifest,
 )
 from swarmnet.testing import chaos
-from swarmnet.testing.processes import ManagedProcess
+from swarmnet.testing.processes import ManagedProcess, cpu_seconds
 from swarmnet.testing.swarm import LocalSwarm
 
 TRAINER_MARGIN_S = 1.0
@@ -119,15 +119,7 @@ def goodput(steps: list[dict[str, Any]], start: float, end: float) -> float:
 def group_cpu_s(process: ManagedProcess) -> float:
     """CPU seconds (user + system) used so far by the live members of the process's group (a peer
     and its p2pd)."""
-    ticks = 0
-    for pid in chaos.group_pids(process.pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return round(ticks / os.sysconf("SC_CLK_TCK"), 2)
+    return round(cpu_seconds(chaos.group_pids(process.pid)), 2)
 
 
 def machine_cpu() -> tuple[float, float]:

@@ -78,6 +78,7 @@ from swarmnet.models.moe import build_expert, expert_batch_tokens, max_expert_to
 from swarmnet.peer.compute import StageComputer
 from swarmnet.protocols.stage import StageStub
 from swarmnet.testing.chaos import group_pids
+from swarmnet.testing.processes import cpu_seconds as process_cpu_seconds
 from swarmnet.testing.swarm import LocalSwarm
 
 UID = "expert.0.0"
@@ -150,18 +151,7 @@ def loop_factory(name: str):
 
 def cpu_seconds(processes: dict[str, list[int]]) -> dict[str, float]:
     """User + system CPU seconds used so far by each role's processes (all their threads)."""
-    used = {}
-    for role, pids in processes.items():
-        ticks = 0
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        used[role] = ticks / os.sysconf("SC_CLK_TCK")
-    return used
+    return {role: process_cpu_seconds(pids) for role, pids in processes.items()}
 
 
 def cpu_since(processes: dict[str, list[int]], before: dict[str, float]) -> dict[str, float]:

@@ -152,3 +152,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env[events.ENV] = "1"
     env.update(extra or {})
     return env
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds used so far by the live processes among `pids` (all their threads),
+    read from /proc; processes that are gone count for nothing."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
