@@ -59,12 +59,16 @@ def stepped(peer: ManagedProcess) -> dict[int, str]:
     }
 
 
-def wait_identical(peers: list[ManagedProcess], at_least: int, timeout: float) -> int:
+def wait_identical(peers: list[ManagedProcess], at_least: int, timeout: float, *, reconverge: bool = False) -> int:
     """Waits until every peer reported a digest at one common epoch >= at_least; asserts that the
-    digests there are equal and returns that epoch."""
+    digests there are equal and returns that epoch. With `reconverge`, epochs where the peers
+    differ are skipped (peers cut off from each other may both step alone before they notice and
+    reload): it waits for one where they agree again."""
 
     def common() -> int | None:
         reached = [e for e in set.intersection(*(set(stepped(p)) for p in peers)) if e >= at_least]
+        if reconverge:
+            reached = [e for e in reached if len({stepped(p)[e] for p in peers}) == 1]
         return max(reached) if reached else None
 
     epoch = wait_until(common, timeout, what=f"a common epoch >= {at_least} of {[p.name for p in peers]}")

@@ -106,7 +106,9 @@ def test_partitioned_peer_is_routed_around_and_rejoins_after_heal(make_swarm, pe
         with ns.partitioned():
             wait_steps(trainer, 3, 60)
         cut_at = max(stepped_epochs(a))
-        wait_identical([a, b], at_least=cut_at + 1, timeout=60)
+        # Right after the heal both may step once alone at the same epoch before the digest
+        # mismatch makes one reload: what must hold is that they are identical again.
+        wait_identical([a, b], at_least=cut_at + 1, timeout=60, reconverge=True)
         summary = finish(trainer)
         assert_trained(trainer, summary)
         swarm.close()  # before the namespace goes away
