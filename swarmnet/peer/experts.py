@@ -22,6 +22,7 @@ import asyncio
 import logging
 import random
 import secrets
+import threading
 import time
 
 import torch
@@ -30,7 +31,8 @@ from hivemind.utils import get_dht_time
 from swarmnet.config import RetryConfig, RunManifest
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.stages import read_experts
-from swarmnet.models.moe import ExpertAnswers, Routes, expert_uid, max_expert_tokens, unit_of
+from swarmnet.models.moe import ExpertAnswers, Routes, expert_uid, expert_uids, max_expert_tokens, unit_of
+from swarmnet.pipeline.retry import RetryPolicy
 from swarmnet.pipeline.routing import choose_peer
 from swarmnet.pipeline.snapshot import PeerInfo
 from swarmnet.protocols.stage import StageStub
@@ -62,12 +64,13 @@ class RemoteExperts:
         self.moe = manifest.model.moe
         self.layers = layers
         self.loop = loop
-        self.ban_seconds = (retry or RetryConfig()).ban_seconds
+        self.policy = RetryPolicy(retry or RetryConfig())
+        self._ban_lock = threading.Lock()  # bans are set on the event loop, read on the compute thread
         self.rng = rng or random.Random()
         self.closed = False
         self._replicas: dict[str, list[PeerInfo]] = {}
         self._stubs: dict[str, StageStub] = {}
-        self._banned: dict[str, float] = {}
+        self._units = {uid: unit_of(manifest, uid) for uid in expert_uids(manifest)}
         self._max_reply_bytes = max_expert_tokens(manifest) * manifest.model.d_model * 4
 
     # --- discovery (event loop) -----------------------------------------------------------------
@@ -102,13 +105,14 @@ class RemoteExperts:
         return list(self._replicas.get(uid, []))
 
     def _banned_now(self) -> set[str]:
-        now = time.monotonic()
-        return {pid for pid, until in list(self._banned.items()) if until > now}  # written by the loop
+        with self._ban_lock:
+            return self.policy.banned()
 
     def _fail(self, peer_id: str, kind: str, error: BaseException) -> None:
-        self._banned[peer_id] = time.monotonic() + self.ban_seconds
+        with self._ban_lock:
+            self.policy.ban(peer_id)
         metrics.EXPERT_CALLS.labels(kind=kind, outcome="error").inc()
-        logger.info("expert %s call to %s failed (%s); banned for %.0f s", kind, peer_id[-6:], error, self.ban_seconds)
+        logger.info("expert %s call to %s failed (%s); banned for %.0f s", kind, peer_id[-6:], error, self.policy.config.ban_seconds)
 
     # --- the Experts interface (compute thread) -------------------------------------------------
 
@@ -168,7 +172,7 @@ class RemoteExperts:
             rows, slots = routes.assignment(e)
             call_id = secrets.token_hex(8)
             stub = self._stubs[peer.peer_id]
-            coro = stub.forward(self.manifest.run_id, call_id, unit_of(self.manifest, uid), tokens[rows].contiguous())
+            coro = stub.forward(self.manifest.run_id, call_id, self._units[uid], tokens[rows].contiguous())
             calls[asyncio.create_task(coro)] = (e, peer.peer_id, call_id, rows, slots, time.perf_counter())
             reachable[rows] += 1
         need = reachable.clamp(max=self.moe.k_min)
@@ -212,7 +216,7 @@ class RemoteExperts:
             try:
                 async with asyncio.timeout(self.moe.backward_timeout):
                     result = await self._stubs[peer_id].backward(
-                        self.manifest.run_id, call_id, unit_of(self.manifest, uid), grad[rows, slots].contiguous()
+                        self.manifest.run_id, call_id, self._units[uid], grad[rows, slots].contiguous()
                     )
                 _check_answer(result, (len(rows), grad.shape[2]))
             except Exception as error:  # noqa: BLE001 - no gradient from this expert for this microbatch
