@@ -5,7 +5,10 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test venv clean
+# Debian packages the tests use: a real Prometheus (and promtool) and headless Chromium.
+SYSTEM_PACKAGES = prometheus chromium
+
+.PHONY: demo test venv system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/swarmnet demo
 
-test: $(STAMP)
+system-deps:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		echo "installing $(SYSTEM_PACKAGES) (Debian packages the tests use)"; \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest tests
 
 clean:

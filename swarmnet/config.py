@@ -236,7 +236,10 @@ class PeerConfig:
     max_queue: int = 64
     """Most requests queued for compute before new ones are refused as overloaded."""
     metrics_port: int | None = 0
-    """Port of the Prometheus `/metrics` endpoint; 0 picks a free one, none disables it."""
+    """Port of the Prometheus `/metrics` endpoint; 0 picks a free one, none disables it. The
+    address is announced in the peer's DHT record, so the coordinator's service discovery finds it."""
+    metrics_host: str | None = None
+    """Interface of the `/metrics` endpoint (none: `host`)."""
     compute_threads: int = 1
     """torch intra-op threads used by the compute executor."""
     manifest_timeout: float = 30.0
@@ -293,6 +296,10 @@ class TrainerConfig:
     """Report loss every this many steps."""
     host: str = "127.0.0.1"
     """Interface for the trainer's own libp2p host."""
+    metrics_port: int | None = 0
+    """Port of the trainer's Prometheus `/metrics` endpoint; 0 picks a free one, none disables it."""
+    metrics_host: str | None = None
+    """Interface of the `/metrics` endpoint (none: `host`)."""
     manifest_timeout: float = 30.0
     """Seconds to wait for a verified run manifest to appear in the DHT."""
     resume: bool = True

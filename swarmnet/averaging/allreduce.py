@@ -67,12 +67,14 @@ from swarmnet.averaging.wire import (
     recv_into,
     recv_message,
     send_all,
+    send_all_blocking,
     send_message,
     send_refusal,
     tensor_view,
     tune,
 )
 from swarmnet.errors import ProtocolError, SwarmnetError
+from swarmnet.telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +247,10 @@ class _Round:
 
     def _send_data(self, sock: socket.socket, j: int) -> None:  # worker thread
         start, end = self.bounds[j]
-        sock.sendall(tensor_view(self.flat[start:end]))  # my contribution to member j's part
+        send_all_blocking(sock, tensor_view(self.flat[start:end]))  # my contribution to member j's part
         self._wait(self.reduced)
         start, end = self.bounds[self.me]
-        sock.sendall(tensor_view(self.out[start:end]))  # the part I own, summed
+        send_all_blocking(sock, tensor_view(self.out[start:end]))  # the part I own, summed
 
     async def _receive(self, j: int) -> None:
         conn, hello = await self.incoming[j]
@@ -401,9 +403,11 @@ class AllReduceServer:
     async def _admit(self, conn: socket.socket) -> None:
         self._pending += 1
         handed_over = False
+        kind, outcome = "unknown", "ok"
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
                 hello = await recv_message(conn, (Hello, Ping, Handoff))
+            kind = type(hello).__name__
             if isinstance(hello, Ping):
                 async with asyncio.timeout(1.0):
                     await send_message(conn, Pong())
@@ -415,14 +419,18 @@ class AllReduceServer:
             reason = "unknown or closed round" if round_ is None else round_.admit(hello, conn)
             handed_over = reason is None
             if reason is not None:
+                outcome = "refused"
                 logger.debug("refused a connection for round %r: %s", hello.round_id, reason)
                 async with asyncio.timeout(1.0):
                     await send_refusal(conn, reason)
         except (OSError, EOFError, SwarmnetError) as e:  # TimeoutError is an OSError
+            outcome = e.code if isinstance(e, SwarmnetError) else "timeout" if isinstance(e, TimeoutError) else "disconnected"
             logger.debug("dropped an incoming all-reduce connection: %r", e)
         except Exception:  # keep serving whatever one connection did
+            outcome = "internal"
             logger.exception("internal error admitting an all-reduce connection")
         finally:
+            metrics.REQUESTS.labels("averaging", kind, outcome).inc()
             self._pending -= 1
             if not handed_over:
                 conn.close()

@@ -71,6 +71,8 @@ class StageAverager:
         self.wake = asyncio.Event()
         self.alone = False
         """No live stage-mate at the last check (the compute thread steps on its own)."""
+        self.failed_rounds = 0
+        """All-reduce rounds of this peer that failed (announced in its server record)."""
         self.in_round = False
         """An all-reduce round of ours is in progress."""
         self._addresses: dict[str, str] = {}
@@ -360,6 +362,7 @@ class StageAverager:
             dead = await _unresponsive([m for m in group if m.peer_id != self.dht.peer_id])
             self._suspect(dead)
             metrics.AVERAGING_ROUNDS.labels(outcome="failed").inc()
+            self.failed_rounds += 1
             logger.warning(
                 "stage %d round for step %d with %d peers failed (%s); excluding %s",
                 self.stage, epoch + 1, len(group), e, {d[-6:]: r for d, r in dead.items()} or "nobody",
@@ -371,6 +374,7 @@ class StageAverager:
         seconds = time.perf_counter() - start
         metrics.AVERAGING_ROUNDS.labels(outcome="ok").inc()
         metrics.AVERAGING_SECONDS.observe(seconds)
+        metrics.AVERAGING_GROUP_SIZE.observe(len(group))
         logger.info("stage %d step %d: averaged %d samples over %d peers in %.3f s", self.stage, self.epoch, int(total_weight), len(group), seconds)
         events.emit("stepped", stage=self.stage, epoch=self.digest_epoch, digest=self.digest, members=len(group))
         await self.publish_progress(force=True)

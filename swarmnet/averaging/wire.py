@@ -19,6 +19,7 @@ import torch
 from swarmnet.errors import ProtocolError, SwarmnetError
 from swarmnet.protocols.codec import from_body, to_body
 from swarmnet.protocols.framing import ERROR, MAX_MESSAGE_BYTES, MESSAGE
+from swarmnet.telemetry import metrics
 
 PROTOCOL_VERSION = 1
 PENDING_TIMEOUT = 10.0
@@ -36,6 +37,8 @@ HASH_BYTES = 1 << 20
 STOP_POLL = 0.05
 """How often a worker thread waiting for another one checks whether the round has failed."""
 FRAME_HEADER = 5
+SENT = metrics.TRANSFERRED_BYTES.labels("averaging", "sent")
+RECEIVED = metrics.TRANSFERRED_BYTES.labels("averaging", "received")
 
 
 class AveragingError(SwarmnetError):
@@ -151,11 +154,19 @@ async def recv_exactly(sock: socket.socket, view: memoryview) -> None:
         if not count:
             raise ConnectionError("connection closed by the other member")
         received += count
+    RECEIVED.inc(size)
 
 
 async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
     if len(data):
         await asyncio.get_running_loop().sock_sendall(sock, data)
+        SENT.inc(len(data))
+
+
+def send_all_blocking(sock: socket.socket, view: memoryview) -> None:
+    """`sendall` on a blocking socket in a worker thread (it releases the GIL), counted."""
+    sock.sendall(view)
+    SENT.inc(len(view))
 
 
 def frame(kind: int, payload: bytes) -> bytes:
@@ -209,3 +220,4 @@ def recv_into(sock: socket.socket, view: memoryview, hasher: Any = None) -> None
         if hasher is not None:
             hasher.update(view[received : received + count])
         received += count
+    RECEIVED.inc(size)

@@ -8,6 +8,7 @@ from swarmnet.cli.runtime import run_role
 from swarmnet.config import RunManifest, load_manifest
 
 DEFAULT_IDENTITY = ".swarmnet/coordinator.key"
+DEFAULT_HTTP_PORT = 8470
 
 
 def add_parser(commands) -> None:
@@ -21,7 +22,13 @@ def add_parser(commands) -> None:
     )
     p.add_argument("--archive", default=None, metavar="DIR", help="archive every stage's state here and serve it to joining peers")
     p.add_argument("--archive-period", type=float, default=30.0, help="seconds between archive updates")
-    p.add_argument("--observe-period", type=float, default=10.0, help="seconds between swarm observations")
+    p.add_argument("--observe-period", type=float, default=5.0, help="seconds between swarm observations")
+    p.add_argument("--http-host", default=None, help="interface of the status page, /metrics and /sd (default: --host)")
+    p.add_argument(
+        "--http-port", type=int, default=DEFAULT_HTTP_PORT,
+        help=f"port of the status page, /metrics and Prometheus service discovery /sd (0: any free port; default {DEFAULT_HTTP_PORT})",
+    )
+    p.add_argument("--no-http", action="store_true", help="serve no status page, metrics or service discovery")
     p.set_defaults(handler=main)
 
 
@@ -41,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
             observe_period=args.observe_period,
             archive_dir=args.archive,
             archive_period=args.archive_period,
+            http_host=args.http_host,
+            http_port=None if args.no_http else args.http_port,
         )
 
     return run_role("coordinator", args.log_level, role)

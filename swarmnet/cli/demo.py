@@ -57,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         swarm.start_coordinator()
         print(f"  coordinator  {swarm.initial_peers[0]}")
+        print(f"  status page  http://{swarm.coordinator.ready['http']}/  (Prometheus service discovery: /sd)")
         peers = swarm.start_peers([s for s in range(stages) for _ in range(args.peers_per_stage)])
         for peer in peers:
             ready = peer.ready

@@ -23,6 +23,8 @@ def add_parser(commands) -> None:
     p.add_argument("--device", default=None, help="torch device, overrides the profile")
     p.add_argument("--host", default=None, help="interface to listen on, overrides the profile")
     p.add_argument("--port", type=int, default=None, help="TCP port, overrides the profile")
+    p.add_argument("--metrics-port", type=int, default=None, help="port of /metrics (0: any free port), overrides the profile")
+    p.add_argument("--metrics-host", default=None, help="interface of /metrics (default: --host)")
     p.add_argument("--checkpoint-dir", default=None, help="save and resume the stage's state here, overrides the profile")
     p.set_defaults(handler=main)
 
@@ -33,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
         from swarmnet.peer.peer import run_peer
 
         config = load_profile(
-            PeerConfig, args.profile, device=args.device, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir
+            PeerConfig, args.profile, device=args.device, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         )
         identity = Identity.load_or_create(args.identity) if args.identity else Identity.ephemeral()
         try:

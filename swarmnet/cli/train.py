@@ -24,6 +24,8 @@ def add_parser(commands) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much wall time")
     p.add_argument("--summary-json", default=None, help="write the final summary here as JSON")
     p.add_argument("--host", default=None, help="interface for the trainer's libp2p host, overrides the profile")
+    p.add_argument("--metrics-port", type=int, default=None, help="port of /metrics (0: any free port), overrides the profile")
+    p.add_argument("--metrics-host", default=None, help="interface of /metrics (default: --host)")
     p.add_argument("--no-resume", action="store_true", help="start from step 0 even if the swarm is further along")
     p.set_defaults(handler=main)
 
@@ -32,6 +34,7 @@ def main(args: argparse.Namespace) -> int:
     async def role(stop):
         config = load_profile(
             TrainerConfig, args.profile, max_steps=args.max_steps, max_seconds=args.max_seconds, host=args.host,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
             resume=False if args.no_resume else None,
         )
         if args.local:
@@ -73,9 +76,11 @@ def main(args: argparse.Namespace) -> int:
     return run_role("trainer", args.log_level, role)
 
 
-def _announce(manifest: RunManifest, trainer_id: str) -> None:
-    events.emit("ready", role="trainer", run_id=manifest.run_id, peer_id=trainer_id)
+def _announce(manifest: RunManifest, trainer_id: str, metrics_addr: str | None = None) -> None:
+    events.emit("ready", role="trainer", run_id=manifest.run_id, peer_id=trainer_id, metrics=metrics_addr)
     print(f"training run {manifest.run_id} ({manifest.name}), {manifest.training.num_stages} stages", flush=True)
+    if metrics_addr:
+        print(f"trainer metrics: http://{metrics_addr}/metrics", flush=True)
 
 
 def _print_step(report) -> None:

@@ -11,13 +11,16 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from swarmnet.config import RunManifest
 from swarmnet.coordinator.archive import StageArchive
+from swarmnet.coordinator.http import StatusServer
+from swarmnet.coordinator.view import SwarmCollector, SwarmHistory, read_view
 from swarmnet.dht.identity import Identity
 from swarmnet.dht.manifests import MANIFEST_REFRESH, publish_manifest
 from swarmnet.dht.node import SwarmDHT
-from swarmnet.dht.stages import read_swarm
-from swarmnet.telemetry import events
+from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -30,39 +33,70 @@ async def run_coordinator(
     port: int,
     initial_peers: Sequence[str],
     stop: asyncio.Event,
-    observe_period: float = 10.0,
+    observe_period: float = 5.0,
     archive_dir: str | None = None,
     archive_period: float = 30.0,
+    http_host: str | None = None,
+    http_port: int | None = 0,
 ) -> None:
-    dht = await SwarmDHT.create(identity=identity, initial_peers=initial_peers, host=host, port=port)
-    async with dht:
-        await publish_manifest(dht, manifest)
-        archive = None
-        if archive_dir is not None:
-            archive = StageArchive(dht, manifest, Path(archive_dir), period=archive_period)
-            await archive.start()
-        maddrs = await dht.visible_maddrs()
-        logger.info("run %s (%s) published by %s", manifest.run_id, manifest.name, dht.peer_id)
-        for maddr in maddrs:
-            print(f"coordinator listening on {maddr}", flush=True)
-        print(f"join with: swarmnet join --initial-peers {maddrs[0]} --stage auto", flush=True)
-        events.emit(
-            "ready",
-            role="coordinator",
-            peer_id=dht.peer_id,
-            run_id=manifest.run_id,
-            maddrs=maddrs,
-            sockets=dht.p2pd_sockets(),
-        )
-        async with asyncio.TaskGroup() as tasks:
-            publisher = tasks.create_task(_republish(dht, manifest))
-            observer = tasks.create_task(_observe(dht, manifest, observe_period))
-            archiver = tasks.create_task(archive.run()) if archive is not None else None
-            await stop.wait()
-            for task in (publisher, observer, archiver):
-                if task is not None:
-                    task.cancel()
+    history = SwarmHistory()
+    status = None
+    if http_port is not None:
+        status = StatusServer(history, http_host or host, http_port, refresh=max(2, round(observe_period)))
+    collector = SwarmCollector(history)
+    REGISTRY.register(collector)
+    try:
+        dht = await SwarmDHT.create(identity=identity, initial_peers=initial_peers, host=host, port=port)
+        async with dht:
+            await _serve(dht, manifest, history, status, stop, observe_period, archive_dir, archive_period)
+    finally:
+        REGISTRY.unregister(collector)
+        if status is not None:
+            status.close()
     events.emit("stopped", role="coordinator", peer_id=identity.peer_id)
+
+
+async def _serve(
+    dht: SwarmDHT,
+    manifest: RunManifest,
+    history: SwarmHistory,
+    status: StatusServer | None,
+    stop: asyncio.Event,
+    observe_period: float,
+    archive_dir: str | None,
+    archive_period: float,
+) -> None:
+    await publish_manifest(dht, manifest)
+    archive = None
+    if archive_dir is not None:
+        archive = StageArchive(dht, manifest, Path(archive_dir), period=archive_period)
+        await archive.start()
+    maddrs = await dht.visible_maddrs()
+    logger.info("run %s (%s) published by %s", manifest.run_id, manifest.name, dht.peer_id)
+    for maddr in maddrs:
+        print(f"coordinator listening on {maddr}", flush=True)
+    print(f"join with: swarmnet join --initial-peers {maddrs[0]} --stage auto", flush=True)
+    http = None
+    if status is not None:
+        http = status.start().address
+        print(f"status page: http://{http}/  (metrics: /metrics, Prometheus service discovery: /sd)", flush=True)
+    events.emit(
+        "ready",
+        role="coordinator",
+        peer_id=dht.peer_id,
+        run_id=manifest.run_id,
+        maddrs=maddrs,
+        sockets=dht.p2pd_sockets(),
+        http=http,
+    )
+    async with asyncio.TaskGroup() as tasks:
+        publisher = tasks.create_task(_republish(dht, manifest))
+        observer = tasks.create_task(_observe(dht, manifest, history, observe_period))
+        archiver = tasks.create_task(archive.run()) if archive is not None else None
+        await stop.wait()
+        for task in (publisher, observer, archiver):
+            if task is not None:
+                task.cancel()
 
 
 async def _republish(dht: SwarmDHT, manifest: RunManifest) -> None:
@@ -75,18 +109,26 @@ async def _republish(dht: SwarmDHT, manifest: RunManifest) -> None:
             logger.warning("could not refresh the manifest: %s", e)
 
 
-async def _observe(dht: SwarmDHT, manifest: RunManifest, period: float) -> None:
+async def _observe(dht: SwarmDHT, manifest: RunManifest, history: SwarmHistory, period: float) -> None:
+    """Reads the swarm every `period` seconds into `history` (the status page, `/sd` and the
+    `swarmnet_swarm_*` metrics all show its latest view)."""
     while True:
-        await asyncio.sleep(period)
         try:
-            snapshot = await read_swarm(dht, manifest)
-        except Exception as e:  # observation is best effort
+            view = await read_view(dht, manifest)
+        except Exception as e:  # observation is best effort; the next one may succeed
+            metrics.SWARM_OBSERVATIONS.labels("failed").inc()
             logger.debug("could not read the swarm: %s", e)
-            continue
-        throughput = snapshot.stage_throughput()
-        per_stage = snapshot.by_stage()
-        summary = ", ".join(
-            f"stage {s}: {len(per_stage[s])} peers {throughput[s]:.1f}/s" for s in range(snapshot.num_stages)
-        )
-        logger.info("swarm: %s", summary)
-        events.emit("swarm", peers=[len(per_stage[s]) for s in range(snapshot.num_stages)], throughput=throughput)
+        else:
+            metrics.SWARM_OBSERVATIONS.labels("ok").inc()
+            for event in history.update(view):
+                (logger.warning if event.failure else logger.info)("swarm: %s", event.message)
+            summary = ", ".join(f"stage {s.stage}: {len(s.peers)} peers {s.throughput:.1f}/s" for s in view.stages)
+            logger.debug("swarm: %s", summary)
+            events.emit(
+                "swarm",
+                peers=[len(s.peers) for s in view.stages],
+                throughput=[s.throughput for s in view.stages],
+                trainers=len(view.trainers),
+                global_step=view.global_step,
+            )
+        await asyncio.sleep(period)

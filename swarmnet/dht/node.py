@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from hivemind.dht.node import DHTNode
@@ -21,7 +22,7 @@ from swarmnet.dht.identity import Identity
 from swarmnet.dht.records import RecordError, SignedRecord, decode_record, encode_record
 from swarmnet.dht.validator import SwarmnetRecordValidator
 from swarmnet.errors import ConfigError
-from swarmnet.telemetry import events
+from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class SwarmDHT:
             with contextlib.suppress(Exception):
                 self._known[PeerID.from_base58(Multiaddr(maddr)["p2p"])] = 0
         self._watchdog = asyncio.create_task(self._watch_routing_table(), name="dht-watchdog")
+        table = node.protocol.routing_table
+        metrics.DHT_KNOWN_PEERS.set_function(lambda: len(table.peer_id_to_uid))  # read at scrape time
 
     @classmethod
     async def create(
@@ -118,21 +121,24 @@ class SwarmDHT:
         """Signs `record` and stores it under `key`, subkey = our peer id, for `ttl` seconds."""
         expiration = get_dht_time() + ttl
         blob = encode_record(self.identity, key, record, expiration)
-        async with asyncio.timeout(DHT_OP_TIMEOUT):
-            return bool(await self.node.store(key, blob, expiration, subkey=self.peer_id))
+        with _timed("put"):
+            async with asyncio.timeout(DHT_OP_TIMEOUT):
+                return bool(await self.node.store(key, blob, expiration, subkey=self.peer_id))
 
     async def replicate(self, signed: SignedRecord) -> bool:
         """Stores someone else's signed record again, unchanged (same owner, same expiration), so
         that it outlives the nodes that held it; the signature still proves who wrote it."""
         if signed.blob is None or signed.expiration <= get_dht_time():
             return False
-        async with asyncio.timeout(DHT_OP_TIMEOUT):
-            return bool(await self.node.store(signed.key, signed.blob, signed.expiration, subkey=signed.peer_id))
+        with _timed("replicate"):
+            async with asyncio.timeout(DHT_OP_TIMEOUT):
+                return bool(await self.node.store(signed.key, signed.blob, signed.expiration, subkey=signed.peer_id))
 
     async def get(self, key: str) -> list[SignedRecord]:
         """Every live, verified record under `key` (invalid ones are already dropped by the DHT)."""
-        async with asyncio.timeout(DHT_OP_TIMEOUT):
-            found = await self.node.get(key, latest=True)
+        with _timed("get"):
+            async with asyncio.timeout(DHT_OP_TIMEOUT):
+                found = await self.node.get(key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
         records = []
@@ -195,3 +201,21 @@ class SwarmDHT:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+
+@contextlib.contextmanager
+def _timed(operation: str) -> Iterator[None]:
+    """Observes one DHT operation's duration in `swarmnet_dht_operation_seconds`, by outcome."""
+    start = time.perf_counter()
+    outcome = "error"
+    try:
+        yield
+        outcome = "ok"
+    except TimeoutError:
+        outcome = "timeout"
+        raise
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        raise
+    finally:
+        metrics.DHT_SECONDS.labels(operation, outcome).observe(time.perf_counter() - start)

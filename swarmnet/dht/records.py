@@ -53,6 +53,8 @@ class StageServerRecord:
     """host:port of the peer's all-reduce data plane."""
     expert: str | None = None
     """The expert uid, for a peer serving an expert (then `stage` is the expert's unit index)."""
+    failed_rounds: int = 0
+    """All-reduce rounds of this peer that failed since it started serving the unit."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +92,8 @@ class TrainerRecord:
     step: int
     loss: float
     samples_per_s: float
+    metrics_addr: str | None = None
+    """host:port of the trainer's Prometheus endpoint, if it runs one."""
 
 
 @dataclass(frozen=True, kw_only=True)

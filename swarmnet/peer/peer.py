@@ -59,7 +59,11 @@ async def run_peer(
             stage = choose_stage(await read_swarm(dht, manifest), random.Random(), held=held)
         elif not 0 <= stage < num_stages:
             raise ConfigError(f"--stage {stage} is outside 0..{num_stages - 1} for run {manifest.run_id}")
-        metrics_addr = metrics.serve_metrics(config.host, config.metrics_port)
+        metrics_addr = metrics.serve_metrics(
+            config.metrics_host or config.host, config.metrics_port, await dht.visible_maddrs()
+        )
+        if metrics_addr:
+            print(f"peer metrics: http://{metrics_addr}/metrics", flush=True)
         # Every peer keeps the signed manifest stored on live DHT nodes, so that new peers can
         # bootstrap from any of us after the coordinator is gone.
         keeper = asyncio.create_task(keep_manifest(dht, manifest.run_id), name="keep-manifest")

@@ -126,6 +126,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 await asyncio.sleep(0.5 * 2**attempt)  # backoff while the stage's membership settles
         await load(result.snapshot, f"{len(result.bytes_by_source)} stage-mate(s)")
         metrics.STATE_SYNC_SECONDS.observe(time.monotonic() - start)
+        metrics.STATE_SYNC_BYTES.inc(sum(result.bytes_by_source.values()))
         logger.info("stage %d: synced %d bytes in %.2f s", stage, len(result.snapshot.data), time.monotonic() - start)
 
     store = CheckpointStore(Path(config.checkpoint_dir), run_id, keep=config.checkpoint_keep) if config.checkpoint_dir else None
@@ -180,6 +181,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         def record() -> StageServerRecord:
             metrics.QUEUE_DEPTH.set(serving.queue_depth)
             metrics.THROUGHPUT.set(meter.samples_per_s)
+            metrics.OPTIMIZER_STEP.set(strategy.epoch)
             return StageServerRecord(
                 stage=stage,
                 throughput=meter.samples_per_s,
@@ -191,9 +193,13 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 maddrs=maddrs,
                 averaging_addr=f"{ctx.allreduce.host}:{ctx.allreduce.port}",
                 expert=uid,
+                failed_rounds=averager.failed_rounds,
             )
 
         key = server_key(manifest, stage)
+        metrics.set_peer_info(
+            run_id=run_id, unit=stage, stage=None if uid else stage, expert=uid, device=config.device
+        )
         if experts is not None:
             await experts.refresh()
         if not await dht.put(key, record(), config.record_ttl):

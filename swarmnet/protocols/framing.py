@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 
 from swarmnet.errors import PeerUnavailableError, ProtocolError, SwarmnetError, error_from_code
 from swarmnet.protocols.codec import from_body, to_body
+from swarmnet.telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +89,24 @@ def header_for(tensor: torch.Tensor, compression: str = "none") -> TensorHeader:
 class FramedStream:
     """Typed messages, tensors and errors over one asyncio (reader, writer) pair."""
 
+    protocol = "stage"
+    """The protocol's name in metrics (`swarmnet_transferred_bytes_total`, `swarmnet_requests_total`)."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer: str | None = None):
         self.reader = reader
         self.writer = writer
         self.peer = peer
+        self.kind: str | None = None
+        """The type of the first message received (on a server: the request's kind)."""
+        self._sent = metrics.TRANSFERRED_BYTES.labels(self.protocol, "sent")
+        self._received = metrics.TRANSFERRED_BYTES.labels(self.protocol, "received")
 
     # --- writing -------------------------------------------------------------------------------
 
     def _frame(self, kind: int, payload: bytes | memoryview) -> None:
         self.writer.write(bytes([kind]) + len(payload).to_bytes(4, "big"))
         self.writer.write(payload)
+        self._sent.inc(_HEADER + len(payload))
 
     async def send_message(self, message: Any) -> None:
         payload = msgpack.packb([type(message).__name__, to_body(message)], use_bin_type=True)
@@ -134,11 +144,13 @@ class FramedStream:
         if length > limit:
             raise ProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit")
         try:
-            return kind, await self.reader.readexactly(length)
+            payload = await self.reader.readexactly(length)
         except asyncio.IncompleteReadError as e:
             raise ProtocolError("stream closed inside a frame") from e
         except ConnectionError as e:
             raise PeerUnavailableError(f"connection lost: {e}", peer=self.peer) from e
+        self._received.inc(_HEADER + length)
+        return kind, payload
 
     async def receive_message(self, *expected: type) -> Any:
         """Reads one message of one of the `expected` types; raises the typed error on an ERROR frame."""
@@ -151,6 +163,8 @@ class FramedStream:
             name, body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
         except Exception as e:  # msgpack raises several unrelated exception types
             raise ProtocolError(f"malformed message: {e}") from e
+        if self.kind is None and isinstance(name, str):
+            self.kind = name if any(cls.__name__ == name for cls in expected) else "unknown"
         for cls in expected:
             if cls.__name__ == name:
                 return from_body(cls, body, ProtocolError)
@@ -211,20 +225,30 @@ async def serve_stream(stream: FramedStream, serve: Callable[[], Awaitable[None]
     """Runs one server-side request on `stream`: a typed error reply for whatever `serve` raises
     (the handler keeps serving other streams), then the graceful end every server must follow."""
     client = stream.peer
+    started = time.perf_counter()
+    outcome = "ok"
     try:
         await serve()
     except SwarmnetError as e:
+        outcome = e.code
         logger.debug("refused %s request from %s: %s", what, client, e)
         await quietly(stream.send_error(e))
     except (ConnectionError, asyncio.IncompleteReadError):
+        outcome = "disconnected"
         logger.debug("%s client %s went away", what, client)
     except TimeoutError:
+        outcome = "timeout"
         logger.debug("%s request from %s timed out", what, client)
         await quietly(stream.send_error(PeerUnavailableError("timed out serving the request")))
     except Exception as e:  # keep serving whatever one request did; log it with its traceback
+        outcome = "internal"
         logger.exception("internal error serving a %s request from %s", what, client)
         await quietly(stream.send_error(e))
     finally:
+        kind = stream.kind or "unknown"
+        metrics.REQUESTS.labels(what, kind, outcome).inc()
+        if outcome == "ok":
+            metrics.REQUEST_SECONDS.labels(what, kind).observe(time.perf_counter() - started)
         await quietly(stream.finish())
         await quietly(stream.close())
 

@@ -342,6 +342,8 @@ class StateStub:
 class StateStream(FramedStream):
     """A `FramedStream` that also carries raw byte ranges and this protocol's own error codes."""
 
+    protocol = "state"
+
     async def send_bytes(self, view: memoryview) -> None:
         for start in range(0, len(view), CHUNK_BYTES):
             self._frame(CHUNK, view[start : start + CHUNK_BYTES])

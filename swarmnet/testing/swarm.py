@@ -65,7 +65,7 @@ class LocalSwarm:
         """Starts (or restarts: same identity key) the coordinator."""
         self.coordinator = self.spawn(
             "coordinator", "coordinator", "--run", str(self.run_path), "--identity", str(self.workdir / "coordinator.key"),
-            "--host", self.host, *extra,
+            "--host", self.host, "--http-port", "0", *extra,
         )
         if wait:
             self.coordinator.wait_event("ready", STARTUP_TIMEOUT)

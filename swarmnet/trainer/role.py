@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 from swarmnet.config import RunManifest, TrainerConfig
@@ -14,6 +15,7 @@ from swarmnet.dht.identity import Identity
 from swarmnet.dht.manifests import fetch_manifest, peer_ids_of
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.records import TrainerRecord
+from swarmnet.telemetry import metrics
 from swarmnet.trainer.directory import StageDirectory
 from swarmnet.trainer.local import LocalTrainer
 from swarmnet.trainer.steps import StepReport, TrainingSummary
@@ -35,7 +37,7 @@ async def run_swarm_training(
     run_id: str | None,
     identity: Identity,
     stop: asyncio.Event,
-    on_start: Callable[[RunManifest, str], None],
+    on_start: Callable[[RunManifest, str, str | None], None],
     on_step: Callable[[StepReport], None],
 ) -> TrainingSummary:
     dht = await SwarmDHT.create(
@@ -44,22 +46,41 @@ async def run_swarm_training(
     async with dht:
         manifest = await fetch_manifest(dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers), timeout=config.manifest_timeout
         )
-        on_start(manifest, dht.peer_id)
+        metrics_addr = metrics.serve_metrics(
+            config.metrics_host or config.host, config.metrics_port, await dht.visible_maddrs()
+        )
+        on_start(manifest, dht.peer_id, metrics_addr)
         data = await asyncio.to_thread(make_data, manifest)
         directory = StageDirectory(dht, manifest)
         trainer = SwarmTrainer(manifest, config, directory, data)
+        latest = TrainerRecord(step=0, loss=math.nan, samples_per_s=0.0, metrics_addr=metrics_addr)
 
-        async def report(step: StepReport) -> None:
-            on_step(step)
-            record = TrainerRecord(step=step.step, loss=step.loss if step.samples else 0.0, samples_per_s=step.samples_per_s)
+        async def publish() -> None:
             try:
-                await dht.put(keys.trainer_key(manifest.run_id), record, TRAINER_RECORD_TTL)
+                await dht.put(keys.trainer_key(manifest.run_id), latest, TRAINER_RECORD_TTL)
             except Exception as e:  # progress records are best effort; training goes on
                 logger.debug("could not publish the trainer record: %s", e)
 
+        async def heartbeat() -> None:
+            """Keeps the record alive between steps (a step may take longer than its TTL)."""
+            while True:
+                await publish()
+                await asyncio.sleep(TRAINER_RECORD_TTL / 3)
+
+        async def report(step: StepReport) -> None:
+            nonlocal latest
+            on_step(step)
+            latest = TrainerRecord(
+                step=step.step, loss=step.loss if step.samples else math.nan, samples_per_s=step.samples_per_s,
+                metrics_addr=metrics_addr,
+            )
+            await publish()
+
+        beating = asyncio.create_task(heartbeat(), name="trainer-record")
         try:
             return await trainer.train(stop=stop, on_step=report)
         finally:
+            beating.cancel()
             await directory.close()
 
 

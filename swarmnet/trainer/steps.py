@@ -100,6 +100,9 @@ class StepRunner(ABC):
             )
             reports.append(report)
             metrics.TRAINER_SAMPLES.inc(samples)
+            metrics.TRAINER_STEP.set(step)
+            metrics.TRAINER_STEPS.inc()
+            metrics.TRAINER_SAMPLES_PER_SECOND.set(report.samples_per_s)
             if losses:
                 metrics.TRAINER_LOSS.set(report.loss)
             if on_step is not None:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -71,9 +72,11 @@ class SwarmTrainer(StepRunner):
 
     async def run_microbatch(self, mb: Microbatch) -> float:
         self.order.begin(mb.index)
+        metrics.TRAINER_IN_FLIGHT.inc()
         try:
             return await self._run_microbatch(mb)
         finally:
+            metrics.TRAINER_IN_FLIGHT.dec()
             self.order.end(mb.index)  # done or dropped: later microbatches go on
 
     async def _run_microbatch(self, mb: Microbatch) -> float:
@@ -83,12 +86,12 @@ class SwarmTrainer(StepRunner):
         x: torch.Tensor = mb.tokens
         inputs, route = [], []
         for stage in range(last):
-            peer_id, result = await self._call(stage, lambda stub, s=stage, x=x: stub.forward(run_id, mb_id, s, x))
+            peer_id, result = await self._call(stage, "forward", lambda stub, s=stage, x=x: stub.forward(run_id, mb_id, s, x))
             inputs.append(x)
             route.append(peer_id)
             x = result.output
         async with self.order.turn(last, mb.index):
-            _, result = await self._call(last, lambda stub: stub.forward(run_id, mb_id, last, x, mb.targets))
+            _, result = await self._call(last, "forward_loss", lambda stub: stub.forward(run_id, mb_id, last, x, mb.targets))
         grad = result.grad_input
         for stage in reversed(range(last)):
             async with self.order.turn(stage, mb.index):
@@ -98,8 +101,11 @@ class SwarmTrainer(StepRunner):
     async def _backward(self, stage: int, peer_id: str, x: torch.Tensor, grad: torch.Tensor, mb_id: str) -> torch.Tensor:
         run_id = self.manifest.run_id
         try:
+            started = time.perf_counter()
             async with asyncio.timeout(self.policy.call_timeout):
-                return await self.directory.stub(peer_id).backward(run_id, mb_id, stage, grad)
+                grad_input = await self.directory.stub(peer_id).backward(run_id, mb_id, stage, grad)
+            metrics.TRAINER_CALL_SECONDS.labels(str(stage), "backward").observe(time.perf_counter() - started)
+            return grad_input
         except (SwarmnetError, TimeoutError, OSError) as e:
             if not self.policy.should_retry(e, 0):
                 raise
@@ -111,11 +117,12 @@ class SwarmTrainer(StepRunner):
             await stub.forward(run_id, mb_id, stage, x)
             return await stub.backward(run_id, mb_id, stage, grad)
 
-        _, grad_input = await self._call(stage, replay)
+        _, grad_input = await self._call(stage, "replay", replay)
         return grad_input
 
-    async def _call(self, stage: int, fn: Callable[[StageStub], Awaitable[T]]) -> tuple[str, T]:
-        """Calls `fn` on a peer of `stage` picked by stochastic wiring, retrying within the policy."""
+    async def _call(self, stage: int, kind: str, fn: Callable[[StageStub], Awaitable[T]]) -> tuple[str, T]:
+        """Calls `fn` on a peer of `stage` picked by stochastic wiring, retrying within the policy;
+        `kind` names the call in `swarmnet_trainer_stage_call_seconds`."""
         last_error: BaseException | None = None
         for attempt in range(self.policy.max_attempts):
             peers = await self.directory.peers(stage, force=attempt > 0 and last_error is None)
@@ -124,8 +131,11 @@ class SwarmTrainer(StepRunner):
             peer = choose_peer(peers, banned=self.policy.banned(), rng=self.rng) or choose_peer(peers, rng=self.rng)
             if peer is not None:
                 try:
+                    started = time.perf_counter()
                     async with asyncio.timeout(self.policy.call_timeout):
-                        return peer.peer_id, await fn(self.directory.stub(peer.peer_id))
+                        result = await fn(self.directory.stub(peer.peer_id))
+                    metrics.TRAINER_CALL_SECONDS.labels(str(stage), kind).observe(time.perf_counter() - started)
+                    return peer.peer_id, result
                 except (SwarmnetError, TimeoutError, OSError) as e:
                     last_error = e
                     if self.policy.should_ban(e):
