@@ -73,6 +73,8 @@ class StageAverager:
         """No live stage-mate at the last check (the compute thread steps on its own)."""
         self.failed_rounds = 0
         """All-reduce rounds of this peer that failed (announced in its server record)."""
+        for outcome in ("ok", "failed"):  # exported from 0, so that increase() sees the first one
+            metrics.AVERAGING_ROUNDS.labels(outcome=outcome)
         self.in_round = False
         """An all-reduce round of ours is in progress."""
         self._addresses: dict[str, str] = {}

@@ -8,7 +8,7 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from swarmnet.config import MoEConfig, ModelConfig, RunManifest
+from swarmnet.config import ModelConfig, MoEConfig, RunManifest
 from swarmnet.coordinator.render import render_html, render_text
 from swarmnet.coordinator.view import (
     SWARM_METRIC_NAMES,
