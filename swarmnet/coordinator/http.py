@@ -39,7 +39,7 @@ class StatusServer:
         except OSError as e:
             raise ConfigError(f"cannot serve the status page on {host}:{port}: {e}") from e
         self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="status-http", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="status-http", daemon=True)
 
     @property
     def address(self) -> str:

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "swarmnet.json"
 # Records refresh every second and expire after 4: a killed peer leaves the view within seconds.
-PEER_PROFILE = "progress_period = 0.1\nrebalance_period = 0\nannounce_period = 1.0\nrecord_ttl = 4.0\n"
+PEER_PROFILE = "progress_period = 0.1\nrebalance_period = 0\nannounce_period = 1.0\nrecord_ttl = 4.0\nleave_timeout = 2.0\n"
 
 
 def get(url: str, timeout: float = 10.0) -> bytes:
