@@ -240,6 +240,9 @@ class PeerConfig:
     address is announced in the peer's DHT record, so the coordinator's service discovery finds it."""
     metrics_host: str | None = None
     """Interface of the `/metrics` endpoint (none: `host`)."""
+    initial_peers: tuple[str, ...] = ()
+    """Where to find the swarm when neither `--initial-peers` nor `SWARMNET_INITIAL_PEERS` is
+    given: multiaddrs of live peers, or a coordinator's `http://host:8470`."""
     compute_threads: int = 1
     """torch intra-op threads used by the compute executor."""
     manifest_timeout: float = 30.0
@@ -300,6 +303,8 @@ class TrainerConfig:
     """Port of the trainer's Prometheus `/metrics` endpoint; 0 picks a free one, none disables it."""
     metrics_host: str | None = None
     """Interface of the `/metrics` endpoint (none: `host`)."""
+    initial_peers: tuple[str, ...] = ()
+    """As for peers: used when neither `--initial-peers` nor `SWARMNET_INITIAL_PEERS` is given."""
     manifest_timeout: float = 30.0
     """Seconds to wait for a verified run manifest to appear in the DHT."""
     resume: bool = True

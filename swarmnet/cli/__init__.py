@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from swarmnet import __version__
 from swarmnet.cli import coordinator, demo, join, status, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmnet", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    parser.add_argument("--version", action="version", version=f"swarmnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for module in (coordinator, join, train, status, demo):
         module.add_parser(commands)

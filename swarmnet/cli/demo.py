@@ -14,7 +14,6 @@ import time
 
 from swarmnet.config import ModelConfig, MoEConfig, RunManifest, load_manifest
 from swarmnet.errors import SwarmnetError
-from swarmnet.models.moe import expert_uids
 from swarmnet.telemetry.logs import setup_logging
 
 
@@ -44,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
         manifest = RunManifest(name="demo-moe", model=ModelConfig(moe=MoEConfig(layers=(1,), num_experts=4, top_k=2)))
     else:
         manifest = RunManifest(name="demo")
+    from swarmnet.models.moe import expert_uids  # torch and hivemind load only when a role runs
+
     stages = manifest.training.num_stages
     num_experts = len(expert_uids(manifest))
     expert_peers = 0 if not num_experts else (args.expert_peers if args.expert_peers is not None else num_experts)

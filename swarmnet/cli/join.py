@@ -11,7 +11,10 @@ from swarmnet.config import PeerConfig, load_profile
 
 def add_parser(commands) -> None:
     p = commands.add_parser("join", help="join a run as a stage or expert server")
-    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any live peer")
+    p.add_argument(
+        "--initial-peers", nargs="+", default=None,
+        help="multiaddrs of any live peer, or a coordinator's http://host:8470 (default: $SWARMNET_INITIAL_PEERS, then the profile)",
+    )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--stage", type=_stage, default=None, help="stage index, or 'auto' (default) for the bottleneck")
     what.add_argument(
@@ -31,6 +34,7 @@ def add_parser(commands) -> None:
 
 def main(args: argparse.Namespace) -> int:
     async def role(stop):
+        from swarmnet.dht.bootstrap import choose_initial_peers, resolve_initial_peers
         from swarmnet.dht.identity import Identity
         from swarmnet.peer.peer import run_peer
 
@@ -38,11 +42,14 @@ def main(args: argparse.Namespace) -> int:
             PeerConfig, args.profile, device=args.device, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir,
             metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         )
+        entries, source = choose_initial_peers(args.initial_peers, config.initial_peers)
+        initial_peers = await resolve_initial_peers(entries)
+        print(f"initial peers from {source}: {' '.join(entries)}", flush=True)
         identity = Identity.load_or_create(args.identity) if args.identity else Identity.ephemeral()
         try:
             await run_peer(
                 config=config,
-                initial_peers=args.initial_peers,
+                initial_peers=initial_peers,
                 stage=args.stage,
                 expert=args.expert,
                 run_id=args.run_id,

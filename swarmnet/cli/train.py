@@ -15,7 +15,10 @@ from swarmnet.telemetry import events
 
 def add_parser(commands) -> None:
     p = commands.add_parser("train", help="train a run through the swarm (or --local)")
-    p.add_argument("--initial-peers", nargs="+", default=[], help="multiaddrs of any live peer")
+    p.add_argument(
+        "--initial-peers", nargs="+", default=None,
+        help="multiaddrs of any live peer, or a coordinator's http://host:8470 (default: $SWARMNET_INITIAL_PEERS, then the profile)",
+    )
     p.add_argument("--run-id", default=None, help="follow this run (default: the coordinator's)")
     p.add_argument("--local", action="store_true", help="train the manifest in this process, no network")
     p.add_argument("--run", default=None, help="run manifest TOML (with --local; default: embedded demo run)")
@@ -44,16 +47,21 @@ def main(args: argparse.Namespace) -> int:
             _announce(manifest, "local")
             summary = await run_local_training(manifest=manifest, config=config, stop=stop, on_step=_print_step)
         else:
-            if not args.initial_peers:
-                raise ConfigError("--initial-peers is required (or use --local)")
+            from swarmnet.dht.bootstrap import choose_initial_peers, resolve_initial_peers
             from swarmnet.dht.identity import Identity
             from swarmnet.trainer.role import run_swarm_training
+
+            try:
+                entries, _ = choose_initial_peers(args.initial_peers, config.initial_peers)
+            except ConfigError as e:
+                raise ConfigError(f"{e}; or train --local") from None
+            initial_peers = await resolve_initial_peers(entries)
 
             identity = Identity.ephemeral()
             try:
                 summary = await run_swarm_training(
                     config=config,
-                    initial_peers=args.initial_peers,
+                    initial_peers=initial_peers,
                     run_id=args.run_id,
                     identity=identity,
                     stop=stop,

@@ -78,6 +78,7 @@ async def _serve(
     print(f"join with: swarmnet join --initial-peers {maddrs[0]} --stage auto", flush=True)
     http = None
     if status is not None:
+        status.bootstrap = {"run_id": manifest.run_id, "peer_id": dht.peer_id, "maddrs": maddrs}
         http = status.start().address
         print(f"status page: http://{http}/  (metrics: /metrics, Prometheus service discovery: /sd)", flush=True)
     events.emit(

@@ -6,6 +6,7 @@
 | `/api/swarm` | the latest swarm view, its loss history and recent events as JSON |
 | `/sd` | Prometheus HTTP service discovery: every live peer's and trainer's metrics address |
 | `/metrics` | the coordinator's own metrics and the `swarmnet_swarm_*` view |
+| `/bootstrap` | the coordinator's multiaddrs and peer id (`--initial-peers http://host:8470` reads them) |
 | `/healthz` | `ok` while the coordinator runs |
 
 A standard-library threading HTTP server in daemon threads: handlers only read the immutable
@@ -33,6 +34,8 @@ class StatusServer:
     def __init__(self, history: SwarmHistory, host: str, port: int, *, refresh: int = 5):
         self.history = history
         self.refresh = refresh
+        self.bootstrap: dict | None = None
+        """`{"run_id", "peer_id", "maddrs"}` once the DHT node is up."""
         handler = type("Handler", (_Handler,), {"status": self})
         try:
             self.httpd = ThreadingHTTPServer((host, port), handler)
@@ -78,6 +81,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, "application/json", json.dumps(sd_targets(view)))
             elif path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
+            elif path == "/bootstrap":
+                if self.status.bootstrap is None:
+                    self._send(503, "text/plain; charset=utf-8", "the coordinator is starting\n")
+                else:
+                    self._send(200, "application/json", json.dumps(self.status.bootstrap))
             elif path == "/healthz":
                 self._send(200, "text/plain; charset=utf-8", "ok\n")
             else:

@@ -23,8 +23,9 @@ from swarmnet.dht.stages import read_experts, read_swarm
 from swarmnet.errors import ConfigError
 from swarmnet.models.moe import expert_uids, uid_of, unit_of
 from swarmnet.peer.checkpoint import CheckpointStore
+from swarmnet.peer.detect import describe_device
 from swarmnet.peer.session import PeerContext, serve_stage
-from swarmnet.pipeline.stage_choice import choose_expert, choose_stage
+from swarmnet.pipeline.stage_choice import choose_expert, choose_stage, explain_stage_choice
 from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
@@ -49,16 +50,22 @@ async def run_peer(
             dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers), timeout=config.manifest_timeout
         )
         num_stages = manifest.training.num_stages
+        print(f"run {manifest.run_id} ({manifest.name}): {num_stages} stages; device {describe_device(config.device)}", flush=True)
         if expert is not None:
-            stage = await _claim_expert(dht, manifest, expert)
+            stage, why = await _claim_expert(dht, manifest, expert)
         elif stage is None:
             held = {}
             if config.checkpoint_dir:
                 store = CheckpointStore(Path(config.checkpoint_dir), manifest.run_id)
                 held = {s: store.latest_step(s) for s in store.stages()}
-            stage = choose_stage(await read_swarm(dht, manifest), random.Random(), held=held)
+            snapshot = await read_swarm(dht, manifest)
+            stage = choose_stage(snapshot, random.Random(), held=held)
+            why = explain_stage_choice(snapshot, stage, held=held)
         elif not 0 <= stage < num_stages:
             raise ConfigError(f"--stage {stage} is outside 0..{num_stages - 1} for run {manifest.run_id}")
+        else:
+            why = f"as asked (--stage {stage})"
+        print(f"chose {uid_of(manifest, stage) or f'stage {stage}'}: {why}", flush=True)
         metrics_addr = metrics.serve_metrics(
             config.metrics_host or config.host, config.metrics_port, await dht.visible_maddrs()
         )
@@ -81,18 +88,18 @@ async def run_peer(
     events.emit("stopped", role="peer", peer_id=identity.peer_id)
 
 
-async def _claim_expert(dht: SwarmDHT, manifest: RunManifest, expert: str) -> int:
-    """The unit of the expert to serve: `expert` itself, or for `auto` the one with the fewest
-    replicas (then the least throughput), found by reading every MoE layer's prefix."""
+async def _claim_expert(dht: SwarmDHT, manifest: RunManifest, expert: str) -> tuple[int, str]:
+    """The unit of the expert to serve and why: `expert` itself, or for `auto` the one with the
+    fewest replicas (then the least throughput), found by reading every MoE layer's prefix."""
     uids = expert_uids(manifest)
     if not uids:
         raise ConfigError(f"run {manifest.run_id} has no Mixture-of-Experts layers: join a --stage instead")
     if expert != "auto":
-        return unit_of(manifest, expert)
+        return unit_of(manifest, expert), f"as asked (--expert {expert})"
     replicas = {}
     for layer in sorted(manifest.model.moe.layers):
         for uid, found in (await read_experts(dht, manifest, layer)).items():
             replicas[uid] = [info for info, _ in found]
     uid = choose_expert(uids, replicas, random.Random())
-    logger.info("claiming %s (replicas now: %s)", uid, {u: len(replicas.get(u, [])) for u in uids})
-    return unit_of(manifest, uid)
+    counts = {u: len(replicas.get(u, [])) for u in uids}
+    return unit_of(manifest, uid), f"it had the fewest replicas ({counts[uid]}; all: {counts})"

@@ -205,6 +205,11 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         if not await dht.put(key, record(), config.record_ttl):
             logger.warning("first announcement was not stored by any DHT node; will retry")
         await averager.refresh_digest()
+        print(
+            f"serving {uid or f'stage {stage}'} as {dht.peer_id}: measured {meter.samples_per_s:.1f} "
+            f"{'tokens' if uid else 'samples'}/s, state from {origin}",
+            flush=True,
+        )
         events.emit(
             "ready",
             role="peer",

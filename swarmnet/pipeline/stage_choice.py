@@ -71,3 +71,18 @@ def choose_expert(
         uid for uid in uids if load(uid)[0] == fewest and math.isclose(load(uid)[1], least, rel_tol=_REL_TOL, abs_tol=1e-12)
     ]
     return candidates[0] if len(candidates) == 1 else (rng or random.Random()).choice(candidates)
+
+
+def explain_stage_choice(snapshot: SwarmSnapshot, stage: int, *, held: dict[int, int] | None = None) -> str:
+    """Why `choose_stage` picked `stage` from `snapshot`, in words a volunteer can check."""
+    groups = snapshot.by_stage()
+    throughput = snapshot.stage_throughput()
+    table = ", ".join(f"{s}: {throughput[s]:.1f}/s × {len(groups[s])}" for s in range(snapshot.num_stages))
+    if held and stage in held and not groups[stage]:
+        return f"nobody serves stage {stage} and this peer holds its checkpoint at step {held[stage]}"
+    if not groups[stage]:
+        return f"nobody served stage {stage} (stages: {table})"
+    return (
+        f"stage {stage} was the bottleneck at {throughput[stage]:.1f} samples/s over "
+        f"{len(groups[stage])} peer(s) (stages: {table})"
+    )

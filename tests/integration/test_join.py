@@ -18,9 +18,19 @@ def test_peers_and_trainer_meet_through_the_dht(swarm, manifest):
     assert coordinator["run_id"] == manifest.run_id
     assert all(m.startswith("/ip4/127.0.0.1/") for m in coordinator["maddrs"])
 
-    peers = swarm.start_peers([0, 1])
+    # One peer finds the swarm through the coordinator's bootstrap URL in the environment (no
+    # --initial-peers, no peer id known in advance), and says what it detected and chose.
+    http = f"http://{coordinator['http']}"
+    env_peer = swarm.spawn("peer-env", "join", "--stage", "1", "--host", "127.0.0.1", env={"SWARMNET_INITIAL_PEERS": http})
+    peers = [swarm.start_peer(0), env_peer]
+    env_peer.wait_event("ready", 90)
     assert [p.ready["stage"] for p in peers] == [0, 1]
     assert {p.ready["run_id"] for p in peers} == {manifest.run_id}
+    said = "\n".join(env_peer.output)
+    assert f"initial peers from SWARMNET_INITIAL_PEERS: {http}" in said
+    assert "device cpu (" in said and "chose stage 1: as asked (--stage 1)" in said
+    assert f"peer metrics: http://{env_peer.ready['metrics']}/metrics" in said
+    assert "measured" in said and "samples/s" in said
 
     status = subprocess.run(
         swarmnet_command("status", "--initial-peers", *swarm.initial_peers),
@@ -29,7 +39,7 @@ def test_peers_and_trainer_meet_through_the_dht(swarm, manifest):
     for peer in peers:
         assert peer.ready["peer_id"][-8:] in status.stdout
 
-    trainer = swarm.start_trainer("--max-steps", "2")
+    trainer = swarm.start_trainer("--max-steps", "2", initial_peers=[http])
     summary = trainer.wait_event("summary", 90)
     assert summary["steps"] == 2 and summary["dropped"] == 0
     assert trainer.popen.wait(30) == 0
