@@ -40,6 +40,7 @@ from swarmnet.peer.experts import RemoteExperts
 from swarmnet.peer.serving import StageServing
 from swarmnet.peer.throughput import measure_throughput
 from swarmnet.pipeline.rebalance import move_delay, plan_move
+from swarmnet.protocols.addresses import announced_host
 from swarmnet.protocols.stage import StageServicer
 from swarmnet.protocols.state import StateServicer
 from swarmnet.telemetry import events, metrics
@@ -177,6 +178,8 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         registered = True
         await averager.publish_progress(force=True)
         maddrs = await dht.visible_maddrs()
+        # A data plane bound to every interface is announced at an address stage-mates can reach.
+        averaging_addr = f"{announced_host(ctx.allreduce.host, maddrs)}:{ctx.allreduce.port}"
 
         def record() -> StageServerRecord:
             metrics.QUEUE_DEPTH.set(serving.queue_depth)
@@ -191,7 +194,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 step=strategy.epoch,
                 metrics_addr=ctx.metrics_addr,
                 maddrs=maddrs,
-                averaging_addr=f"{ctx.allreduce.host}:{ctx.allreduce.port}",
+                averaging_addr=averaging_addr,
                 expert=uid,
                 failed_rounds=averager.failed_rounds,
             )

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from swarmnet.protocols.addresses import announced_host
+
 logger = logging.getLogger(__name__)
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -117,9 +119,6 @@ SWARM_EVENTS = Counter(
 SWARM_OBSERVATIONS = Counter("swarmnet_swarm_observations_total", "Swarm observations by outcome (ok, failed)", ["outcome"])
 
 
-WILDCARDS = ("", "0.0.0.0", "::")
-
-
 def serve_metrics(host: str, port: int | None, maddrs: Sequence[str] = ()) -> str | None:
     """Starts the `/metrics` endpoint; returns the host:port to announce, or None when disabled.
     On a wildcard interface the announced host is the first non-loopback IPv4 of `maddrs`."""
@@ -128,17 +127,6 @@ def serve_metrics(host: str, port: int | None, maddrs: Sequence[str] = ()) -> st
     server, _thread = start_http_server(port, addr=host)
     bound = server.server_address[1]
     return f"{announced_host(host, maddrs)}:{bound}"
-
-
-def announced_host(host: str, maddrs: Sequence[str]) -> str:
-    """Where others reach a server bound to `host`, given the process's libp2p multiaddrs."""
-    if host not in WILDCARDS:
-        return host
-    for maddr in maddrs:
-        parts = maddr.split("/")
-        if len(parts) > 2 and parts[1] == "ip4" and not parts[2].startswith("127.") and parts[2] != "0.0.0.0":
-            return parts[2]
-    return "127.0.0.1"
 
 
 def set_peer_info(*, run_id: str, unit: int, stage: int | None, expert: str | None, device: str) -> None:

@@ -47,3 +47,12 @@ def test_stage_choice_is_explained():
     full = SwarmSnapshot(num_stages=2, peers=peers)
     assert explain_stage_choice(full, choose_stage(full)).startswith("stage 1 was the bottleneck at 10.0 samples/s")
     assert "checkpoint at step 7" in explain_stage_choice(snapshot, 2, held={2: 7})
+
+
+def test_wildcard_servers_announce_a_reachable_address():
+    from swarmnet.protocols.addresses import announced_host
+
+    maddrs = ["/ip4/127.0.0.1/tcp/1/p2p/x", "/ip6/::1/tcp/1", "/ip4/10.1.2.3/tcp/1/p2p/x"]
+    assert announced_host("0.0.0.0", maddrs) == "10.1.2.3"
+    assert announced_host("", maddrs[:1]) == "127.0.0.1"
+    assert announced_host("192.168.1.5", maddrs) == "192.168.1.5"
