@@ -85,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if self.status.bootstrap is None:
                     self._send(503, "text/plain; charset=utf-8", "the coordinator is starting\n")
                 else:
-                    self._send(200, "application/json", json.dumps(self.status.bootstrap))
+                    self._send(200, "application/json", json.dumps(self._bootstrap()))
             elif path == "/healthz":
                 self._send(200, "text/plain; charset=utf-8", "ok\n")
             else:
@@ -95,6 +95,14 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # one bad request never stops the server
             logger.exception("internal error serving %s", self.path)
             self._send(500, "text/plain; charset=utf-8", "internal error\n")
+
+    def _bootstrap(self) -> dict:
+        """The coordinator's addresses; loopback ones only for a client on this machine."""
+        answer = dict(self.status.bootstrap or {})
+        if not self.client_address[0].startswith(("127.", "::1")):
+            remote = [m for m in answer.get("maddrs", []) if not m.startswith(("/ip4/127.", "/ip6/::1/"))]
+            answer["maddrs"] = remote or answer.get("maddrs", [])
+        return answer
 
     def do_HEAD(self) -> None:  # noqa: N802
         self.send_response(200 if urlsplit(self.path).path in ("/", "/healthz") else 404)

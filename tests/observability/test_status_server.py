@@ -52,6 +52,9 @@ def test_routes(status):
     code, kind, body = fetch(status, "/metrics")
     assert code == 200 and kind.startswith("text/plain") and b"python_gc" in body
     assert fetch(status, "/healthz")[2] == b"ok\n"
+    assert fetch(status, "/bootstrap")[0] == 503  # the DHT node is not up yet
+    status.bootstrap = {"run_id": "r", "peer_id": "p", "maddrs": ["/ip4/127.0.0.1/tcp/1/p2p/p", "/ip4/10.0.0.2/tcp/1/p2p/p"]}
+    assert json.loads(fetch(status, "/bootstrap")[2])["maddrs"][0] == "/ip4/127.0.0.1/tcp/1/p2p/p"  # a local client
 
 
 def test_bad_requests_get_an_error_and_the_server_keeps_serving(status):
