@@ -50,9 +50,13 @@ def test_wheel_holds_only_the_package_at_the_one_version(wheel):
 
 def test_installed_wheel_runs_every_subcommands_help(wheel, tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, timeout=120)
+    # The test environment's pip installs into the clean venv (`--python`), so no pip is bootstrapped.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True, timeout=120,
+    )
     # The dependencies (torch, hivemind, ...) come from the test environment's site-packages, not
     # the project checkout: a .pth line adds the directory without running its editable hooks.
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

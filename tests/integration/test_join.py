@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from swarmnet.testing.processes import swarmnet_command
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
@@ -32,13 +30,7 @@ def test_peers_and_trainer_meet_through_the_dht(swarm, manifest):
     assert f"peer metrics: http://{env_peer.ready['metrics']}/metrics" in said
     assert "measured" in said and "samples/s" in said
 
-    status = subprocess.run(
-        swarmnet_command("status", "--initial-peers", *swarm.initial_peers),
-        capture_output=True, text=True, timeout=60, env=swarm.env, check=True,
-    )
-    for peer in peers:
-        assert peer.ready["peer_id"][-8:] in status.stdout
-
+    # `swarmnet status` is checked against a live swarm in tests/observability/test_live.py.
     trainer = swarm.start_trainer("--max-steps", "2", initial_peers=[http])
     summary = trainer.wait_event("summary", 90)
     assert summary["steps"] == 2 and summary["dropped"] == 0

@@ -51,7 +51,7 @@ def test_three_peers_per_stage_stay_identical(swarm, peer_profile):
         assert p.ready["stage"] == 0
     # Train for a while rather than a number of steps: a round that stalls at start-up (peers'
     # DHT views still differ) absorbs every sample that arrives meanwhile into one step.
-    trainer = swarm.start_trainer("--max-seconds", "15")
+    trainer = swarm.start_trainer("--max-seconds", "10")
     summary = trainer.wait_event("summary", 200)
     assert summary["dropped"] == 0
     for stage_peers in (stage0, stage1):
