@@ -239,6 +239,9 @@ class CheckpointStore:
         if path.exists():
             try:
                 if verify_checkpoint(path, run_id=self.run_id, stage=stage).digest == snapshot.digest:
+                    # Still prune: a concurrent saver that lagged behind may have written an older
+                    # step after the last prune (it never removes the file it has just written).
+                    self._prune(stage, path)
                     return path
             except CheckpointError as e:
                 logger.warning("overwriting unreadable checkpoint %s: %s", path, e)

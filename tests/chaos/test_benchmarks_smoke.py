@@ -34,3 +34,30 @@ def test_churn_benchmark_smoke(tmp_path):
     assert result["benchmark"] == "churn" and result["kills"] >= 1
     assert len(result["restarted_peer_startup_s"]) == result["kills"]
     assert math.isfinite(result["goodput_ratio"]) and result["goodput_ratio"] > 0, result
+
+
+def test_scale_benchmark_smoke(tmp_path):
+    """The scale simulation (`--smoke`: 100 peers, 30 simulated minutes, no processes) writes its
+    result; the real policies cross-check some of its decisions, so a drift fails it."""
+    out = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/scale.py", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    keys = {"benchmark", "when", "machine", "smoke", "seed", "device_mix", "swarm_paper", "configs", "total_wall_s"}
+    assert keys <= result.keys(), keys - result.keys()
+    assert result["benchmark"] == "scale" and result["smoke"] and len(result["configs"]) == 1
+    (row,) = result["configs"]
+    assert {"name", "config", "joins", "leaves", "samples", "lpt_to_upper_bound"} <= row.keys()
+    run_keys = {
+        "ratio_to_upper_bound", "ratio_to_lpt", "samples_ratio_to_upper_bound", "worst_sample_to_upper_bound",
+        "moves", "moves_per_peer_hour", "stages_emptied_by_moves", "verified_decisions", "wall_s",
+    }
+    for name in ("without_rebalancing", "with_rebalancing"):
+        figures = row[name]
+        assert run_keys <= figures.keys(), run_keys - figures.keys()
+        assert 0 < figures["ratio_to_upper_bound"] <= 1 and math.isfinite(figures["ratio_to_lpt"]), figures
+        assert figures["stages_emptied_by_moves"] == 0 and figures["verified_decisions"] > 0, figures
+    assert row["without_rebalancing"]["moves"] == 0 < row["with_rebalancing"]["moves"]
