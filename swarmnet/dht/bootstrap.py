@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 

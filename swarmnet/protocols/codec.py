@@ -7,6 +7,7 @@ validated object before any code looks at it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -26,13 +27,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _layout(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """Type hints and fields of a message class, computed once (`get_type_hints` is slow and
+    every record and message decode needs them)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def from_body(cls: type, body: Any, error: type[Exception]) -> Any:
     """Builds `cls` from a decoded map; raises `error` on unknown/missing fields or wrong types."""
     name = getattr(cls, "KIND", cls.__name__)
     if not isinstance(body, dict):
         raise error(f"{name} must be a map")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _layout(cls)
     unknown = set(body) - set(fields)
     missing = {
         n
