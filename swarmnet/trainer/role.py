@@ -71,7 +71,8 @@ async def run_swarm_training(
             nonlocal latest
             on_step(step)
             latest = TrainerRecord(
-                step=step.step, loss=step.loss if step.samples else math.nan, samples_per_s=step.samples_per_s,
+                # A step whose microbatches were all dropped has no loss: keep the last one.
+                step=step.step, loss=step.loss if step.samples else latest.loss, samples_per_s=step.samples_per_s,
                 metrics_addr=metrics_addr,
             )
             await publish()
