@@ -61,3 +61,23 @@ def test_scale_benchmark_smoke(tmp_path):
         assert 0 < figures["ratio_to_upper_bound"] <= 1 and math.isfinite(figures["ratio_to_lpt"]), figures
         assert figures["stages_emptied_by_moves"] == 0 and figures["verified_decisions"] > 0, figures
     assert row["without_rebalancing"]["moves"] == 0 < row["with_rebalancing"]["moves"]
+
+
+def test_stream_benchmark_smoke(tmp_path):
+    """The tensor stream benchmark (`--smoke`: a 4 MiB tensor, 2 repetitions, two real p2pd)
+    writes its result."""
+    out = tmp_path / "stream.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/stream.py", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    keys = {
+        "benchmark", "smoke", "size_mb", "tcp_mb_s", "swarmnet_mb_s", "swarmnet_fp16_mb_s", "ratio",
+        "ratio_fp16", "repeats", "median_s", "per_repeat_s (first is warm-up)",
+    }
+    assert keys <= result.keys(), keys - result.keys()
+    assert result["benchmark"] == "stream" and result["smoke"] and result["repeats"] == 2
+    for name in ("tcp_mb_s", "swarmnet_mb_s", "swarmnet_fp16_mb_s", "ratio", "ratio_fp16"):
+        assert math.isfinite(result[name]) and result[name] > 0, (name, result)
