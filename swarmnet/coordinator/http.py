@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from swarmnet.coordinator.render import render_html
-from swarmnet.coordinator.view import SwarmHistory, sd_targets
+from swarmnet.coordinator.view import SwarmHistory, finite_or_none, sd_targets
 from swarmnet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
                 view, points, events = self.status.history.snapshot()
                 body = {
                     "view": view.to_json() if view else None,
-                    "loss": [{"at": p.at, "trainer": p.trainer, "step": p.step, "loss": _finite(p.loss)} for p in points],
+                    "loss": [{"at": p.at, "trainer": p.trainer, "step": p.step, "loss": finite_or_none(p.loss)} for p in points],
                     "events": [{"at": e.at, "kind": e.kind, "failure": e.failure, "message": e.message} for e in events],
                 }
                 self._send(200, "application/json", json.dumps(body))
@@ -120,6 +120,3 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the http.server API
         logger.debug("http %s - %s", self.address_string(), format % args)
 
-
-def _finite(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None

@@ -10,7 +10,7 @@ import datetime
 import html
 import math
 
-from swarmnet.coordinator.view import LossPoint, PeerView, SwarmEvent, SwarmView
+from swarmnet.coordinator.view import LossPoint, PeerView, SwarmEvent, SwarmView, short_id
 
 # --- terminal -------------------------------------------------------------------------------------
 
@@ -41,20 +41,16 @@ def render_text(view: SwarmView) -> str:
     if view.trainers:
         lines += ["", f"{'trainer':<10} {'step':>6} {'loss':>8} {'samples/s':>10}  metrics"]
         for t in view.trainers:
-            lines.append(f"{_short(t.peer_id):<10} {t.step:>6} {_loss(t.loss):>8} {t.samples_per_s:>10.1f}  {t.metrics_addr or '-'}")
+            lines.append(f"{short_id(t.peer_id):<10} {t.step:>6} {_loss(t.loss):>8} {t.samples_per_s:>10.1f}  {t.metrics_addr or '-'}")
     return "\n".join(lines)
 
 
 def _peer_line(prefix: str, peer: PeerView, width: int = 5) -> str:
     head = f"{prefix:>{width}}  " if width else f"{prefix} "
     return (
-        f"{head}{_short(peer.peer_id):<10} {peer.throughput:>10.1f} {peer.queue_depth:>5} {peer.step:>6}  "
+        f"{head}{short_id(peer.peer_id):<10} {peer.throughput:>10.1f} {peer.queue_depth:>5} {peer.step:>6}  "
         f"{peer.device:<8} {peer.failed_rounds:>6}  {peer.metrics_addr or '-'}"
     )
-
-
-def _short(peer_id: str) -> str:
-    return "…" + peer_id[-8:]
 
 
 def _loss(loss: float) -> str:
@@ -142,7 +138,7 @@ def _peers(n: int) -> str:
 def _peer_row(peer: PeerView) -> str:
     return (
         f'<tr class="peer" data-peer="{html.escape(peer.peer_id)}"><td></td><td class="n" title="{html.escape(peer.peer_id)}">'
-        f'{html.escape(_short(peer.peer_id))}</td><td class="n">{peer.throughput:.1f}</td><td class="n">{peer.step}</td>'
+        f'{html.escape(short_id(peer.peer_id))}</td><td class="n">{peer.throughput:.1f}</td><td class="n">{peer.step}</td>'
         f"<td>{html.escape(peer.device)}</td><td>{peer.queue_depth}</td></tr>"
     )
 
@@ -164,7 +160,7 @@ def _experts(view: SwarmView) -> str:
 
 def _trainers(view: SwarmView) -> str:
     rows = "".join(
-        f'<tr><td title="{html.escape(t.peer_id)}">{html.escape(_short(t.peer_id))}</td><td class="n">{t.step}</td>'
+        f'<tr><td title="{html.escape(t.peer_id)}">{html.escape(short_id(t.peer_id))}</td><td class="n">{t.step}</td>'
         f'<td class="n">{html.escape(_loss(t.loss))}</td><td class="n">{t.samples_per_s:.1f}</td></tr>'
         for t in view.trainers
     ) or '<tr><td colspan="4" class="info">no trainer is reporting</td></tr>'

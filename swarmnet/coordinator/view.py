@@ -135,7 +135,7 @@ class SwarmView:
                 for s in self.stages
             ],
             "experts": [{"uid": e.uid, "layer": e.layer, "peers": [asdict(p) for p in e.peers]} for e in self.experts],
-            "trainers": [{**asdict(t), "loss": _finite(t.loss)} for t in self.trainers],
+            "trainers": [{**asdict(t), "loss": finite_or_none(t.loss)} for t in self.trainers],
         }
 
 
@@ -277,18 +277,18 @@ def diff_views(before: SwarmView | None, after: SwarmView) -> list[SwarmEvent]:
     for pid, peer in new.items():
         where = _where(peer)
         if pid not in old:
-            events.append(SwarmEvent(at, "peer_joined", f"peer {_short(pid)} joined {where}"))
+            events.append(SwarmEvent(at, "peer_joined", f"peer {short_id(pid)} joined {where}"))
         elif old[pid].unit != peer.unit:
-            events.append(SwarmEvent(at, "peer_moved", f"peer {_short(pid)} moved from {_where(old[pid])} to {where}"))
+            events.append(SwarmEvent(at, "peer_moved", f"peer {short_id(pid)} moved from {_where(old[pid])} to {where}"))
         if pid in old and peer.failed_rounds > old[pid].failed_rounds:
             n = peer.failed_rounds - old[pid].failed_rounds
-            events.append(SwarmEvent(at, "averaging_failed", f"{n} averaging round(s) failed on peer {_short(pid)} of {where}"))
+            events.append(SwarmEvent(at, "averaging_failed", f"{n} averaging round(s) failed on peer {short_id(pid)} of {where}"))
     for pid, peer in old.items():
         if pid not in new:
             if pid in after.leaving:
-                events.append(SwarmEvent(at, "peer_left", f"peer {_short(pid)} left {_where(peer)}"))
+                events.append(SwarmEvent(at, "peer_left", f"peer {short_id(pid)} left {_where(peer)}"))
             else:
-                events.append(SwarmEvent(at, "peer_vanished", f"peer {_short(pid)} of {_where(peer)} vanished without leaving"))
+                events.append(SwarmEvent(at, "peer_vanished", f"peer {short_id(pid)} of {_where(peer)} vanished without leaving"))
     if before is not None:
         for prev, stage in zip(before.stages, after.stages):
             if prev.peers and not stage.peers:
@@ -296,13 +296,13 @@ def diff_views(before: SwarmView | None, after: SwarmView) -> list[SwarmEvent]:
     old_trainers = {t.peer_id: t for t in before.trainers} if before else {}
     for t in after.trainers:
         if t.peer_id not in old_trainers:
-            events.append(SwarmEvent(at, "trainer_joined", f"trainer {_short(t.peer_id)} started"))
+            events.append(SwarmEvent(at, "trainer_joined", f"trainer {short_id(t.peer_id)} started"))
         previous = old_trainers.get(t.peer_id)
         if t.step > 0 and not math.isfinite(t.loss) and (previous is None or previous.step != t.step):
-            events.append(SwarmEvent(at, "nonfinite_loss", f"trainer {_short(t.peer_id)} reported loss {t.loss} at step {t.step}"))
+            events.append(SwarmEvent(at, "nonfinite_loss", f"trainer {short_id(t.peer_id)} reported loss {t.loss} at step {t.step}"))
     gone = set(old_trainers) - {t.peer_id for t in after.trainers}
     for pid in sorted(gone):
-        events.append(SwarmEvent(at, "trainer_vanished", f"trainer {_short(pid)} stopped reporting"))
+        events.append(SwarmEvent(at, "trainer_vanished", f"trainer {short_id(pid)} stopped reporting"))
     return events
 
 
@@ -310,11 +310,13 @@ def _where(peer: PeerView) -> str:
     return peer.expert if peer.expert else f"stage {peer.unit}"
 
 
-def _short(peer_id: str) -> str:
+def short_id(peer_id: str) -> str:
+    """The tail of a peer id, as the status page and table show it."""
     return "…" + peer_id[-8:]
 
 
-def _finite(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
+    """`value`, or None for NaN and infinities (JSON has no such numbers)."""
     return value if math.isfinite(value) else None
 
 

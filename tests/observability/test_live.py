@@ -5,8 +5,10 @@ status page rendered by headless Chromium and `swarmnet status` in a terminal.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import socket
@@ -218,19 +220,23 @@ def test_status_page_in_headless_chromium(live):
     profile = live.workdir / "chromium"
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1100", "--hide-scrollbars"]
     screenshot = live.workdir / "status.png"
+    # Each browser runs in its own session: its whole process group (renderers, zygote) is ended.
     shooting = subprocess.Popen(
         [*flags, f"--user-data-dir={profile}-shot", f"--screenshot={screenshot}", page],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    dumping = subprocess.Popen(
+        [*flags, f"--user-data-dir={profile}-dom", "--dump-dom", page],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
     )
     try:
-        dom = subprocess.run(
-            [*flags, f"--user-data-dir={profile}-dom", "--dump-dom", page], capture_output=True, text=True, timeout=90, check=True
-        ).stdout
-        assert shooting.wait(90) == 0
+        dom, _ = dumping.communicate(timeout=90)
+        assert dumping.returncode == 0 and shooting.wait(90) == 0
     finally:
-        if shooting.poll() is None:
-            shooting.kill()
-            shooting.wait(10)
+        for browser in (shooting, dumping):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGKILL)
+            browser.wait(10)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
 
     assert 'id="stages"' in dom and 'id="bottleneck"' in dom and 'id="failures"' in dom and 'id="experts"' in dom
