@@ -75,8 +75,7 @@ class Receiver:
 
 async def send_swarmnet(dialer: PeerDialer, tensor: torch.Tensor, compression: str) -> int:
     header = header_for(tensor, compression)
-    reader, writer = await dialer.open(PROTOCOL)
-    stream = FramedStream(reader, writer, peer=dialer.peer_id)
+    stream = await dialer.open(PROTOCOL)
     try:
         await stream.send_message(BenchRequest(tensor=header))
         await stream.send_tensor(tensor, header)

@@ -180,6 +180,26 @@ class AveragingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NetworkConfig:
+    """How tensors travel between the run's processes."""
+
+    compression: str = "none"
+    """Encoding of activations and their gradients between pipeline stages: `none`, `fp16`,
+    `int8` (blockwise 8-bit, about 0.27x the bytes of float32), or `auto`: per link, from the
+    bandwidth measured on it (`none` on fast links, `fp16`, then `int8` on slow ones)."""
+    auto_fp16_below_mbps: float = 2000.0
+    """auto: links measured slower than this (Mbit/s) send fp16."""
+    auto_int8_below_mbps: float = 400.0
+    """auto: links measured slower than this (Mbit/s) send int8."""
+
+    def __post_init__(self) -> None:
+        if self.compression not in ("none", "fp16", "int8", "auto"):
+            raise ConfigError(f"network.compression must be none, fp16, int8 or auto, not {self.compression!r}")
+        if not 0 < self.auto_int8_below_mbps <= self.auto_fp16_below_mbps:
+            raise ConfigError("network needs 0 < auto_int8_below_mbps <= auto_fp16_below_mbps")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunManifest:
     """Everything the processes of one run agree on. Its content hash is the run id."""
 
@@ -190,6 +210,8 @@ class RunManifest:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig, metadata={"omit_if_default": True})
+    """Left out of the run id while it has its defaults, so adding it kept existing runs' ids."""
 
     def __post_init__(self) -> None:
         if self.training.seq_len > self.model.max_seq_len:
@@ -248,7 +270,11 @@ class PeerConfig:
     manifest_timeout: float = 30.0
     """Seconds to wait for a verified run manifest to appear in the DHT."""
     averaging_port: int = 0
-    """TCP port of the all-reduce data plane (same host); 0 picks a free one."""
+    """TCP port of the data plane (same host): all-reduce rounds, and direct stage and state
+    calls unless `direct_data_plane` is off; 0 picks a free one."""
+    direct_data_plane: bool = True
+    """Serve and make stage and state calls over direct TCP (authenticated, not encrypted) where
+    the other side is reachable, falling back to libp2p streams through p2pd; off: libp2p only."""
     progress_period: float = 0.25
     """Seconds between checks of the stage's progress (when to average and step)."""
     rebalance_period: float | None = 30.0
@@ -310,6 +336,9 @@ class TrainerConfig:
     resume: bool = True
     """Start at the swarm's step (the least advanced stage's) instead of step 0, so a restarted
     trainer continues the run's data and loss curve."""
+    direct_data_plane: bool = True
+    """Call stage peers over direct TCP where they announce a reachable data port (authenticated,
+    not encrypted), else over libp2p streams through p2pd; off: libp2p only."""
     retry: RetryConfig = field(default_factory=RetryConfig)
 
 
@@ -340,6 +369,7 @@ def _to_plain(obj: Any) -> Any:
             f.name: _to_plain(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
             if not (getattr(obj, f.name) is None and f.metadata.get("omit_if_none"))
+            and not (f.metadata.get("omit_if_default") and getattr(obj, f.name) == f.default_factory())
         }
     if isinstance(obj, (tuple, list)):
         return [_to_plain(v) for v in obj]

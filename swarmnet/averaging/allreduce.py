@@ -74,6 +74,7 @@ from swarmnet.averaging.wire import (
     tune,
 )
 from swarmnet.errors import ProtocolError, SwarmnetError
+from swarmnet.protocols.direct import DirectEndpoint, DirectOpen
 from swarmnet.telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -332,6 +333,8 @@ class AllReduceServer:
         self._serving: asyncio.Task | None = None
         self.handoff_target: HandoffTarget | None = None
         """Who takes gradients handed off by leaving stage-mates (the stage being served)."""
+        self.direct: DirectEndpoint | None = None
+        """The stage and state protocols served on this port (the peer's direct data plane)."""
 
     @classmethod
     async def create(
@@ -403,26 +406,33 @@ class AllReduceServer:
     async def _admit(self, conn: socket.socket) -> None:
         self._pending += 1
         handed_over = False
+        direct: DirectOpen | None = None
         kind, outcome = "unknown", "ok"
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
-                hello = await recv_message(conn, (Hello, Ping, Handoff))
+                hello = await recv_message(conn, (Hello, Ping, Handoff, DirectOpen))
             kind = type(hello).__name__
-            if isinstance(hello, Ping):
+            if isinstance(hello, DirectOpen):
+                if self.direct is None:
+                    outcome = "refused"
+                    async with asyncio.timeout(1.0):
+                        await send_refusal(conn, "no direct data plane here")
+                else:
+                    direct, handed_over = hello, True
+            elif isinstance(hello, Ping):
                 async with asyncio.timeout(1.0):
                     await send_message(conn, Pong())
-                return
-            if isinstance(hello, Handoff):
+            elif isinstance(hello, Handoff):
                 await self._take_handoff(conn, hello)
-                return
-            round_ = await self._wait_for_round(hello.round_id)
-            reason = "unknown or closed round" if round_ is None else round_.admit(hello, conn)
-            handed_over = reason is None
-            if reason is not None:
-                outcome = "refused"
-                logger.debug("refused a connection for round %r: %s", hello.round_id, reason)
-                async with asyncio.timeout(1.0):
-                    await send_refusal(conn, reason)
+            else:
+                round_ = await self._wait_for_round(hello.round_id)
+                reason = "unknown or closed round" if round_ is None else round_.admit(hello, conn)
+                handed_over = reason is None
+                if reason is not None:
+                    outcome = "refused"
+                    logger.debug("refused a connection for round %r: %s", hello.round_id, reason)
+                    async with asyncio.timeout(1.0):
+                        await send_refusal(conn, reason)
         except (OSError, EOFError, SwarmnetError) as e:  # TimeoutError is an OSError
             outcome = e.code if isinstance(e, SwarmnetError) else "timeout" if isinstance(e, TimeoutError) else "disconnected"
             logger.debug("dropped an incoming all-reduce connection: %r", e)
@@ -430,10 +440,13 @@ class AllReduceServer:
             outcome = "internal"
             logger.exception("internal error admitting an all-reduce connection")
         finally:
-            metrics.REQUESTS.labels("averaging", kind, outcome).inc()
+            if direct is None:
+                metrics.REQUESTS.labels("averaging", kind, outcome).inc()
             self._pending -= 1
             if not handed_over:
                 conn.close()
+        if direct is not None and self.direct is not None:
+            await self.direct.accept(conn, direct)  # counted per call by the protocol served
 
     async def _take_handoff(self, conn: socket.socket, handoff: Handoff) -> None:
         target = self.handoff_target

@@ -20,6 +20,7 @@ from hivemind.p2p import P2P
 
 from swarmnet.averaging.state import StateSnapshot, StateSyncError, TensorEntry, compute_digest
 from swarmnet.errors import SwarmnetError
+from swarmnet.protocols.direct import DirectClient
 from swarmnet.protocols.state import MAX_RANGE_BYTES, StateInfo, StateStub
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class SyncResult:
 
 async def download_state(
     p2p: P2P,
-    sources: Sequence[tuple[str, list[str]]],
+    sources: Sequence[tuple[str, list[str]] | tuple[str, list[str], str | None]],
     *,
     run_id: str,
     stage: int,
@@ -58,8 +59,11 @@ async def download_state(
     timeout: float = 120.0,
     call_timeout: float = 30.0,
     layout_check: Callable[[list[TensorEntry]], None] | None = None,
+    direct: DirectClient | None = None,
 ) -> SyncResult:
-    """Downloads and verifies stage `stage`'s newest state from `sources` ((peer id, maddrs) pairs).
+    """Downloads and verifies stage `stage`'s newest state from `sources`: (peer id, maddrs) or
+    (peer id, maddrs, data address); with a `direct` client, sources with a data address are
+    downloaded from over direct TCP where they can be reached.
 
     At most `parallel` pieces of `piece_bytes` are in flight, spread over the sources; each call may
     take `call_timeout` seconds, the whole download `timeout`. `layout_check(entries)` (e.g.
@@ -74,7 +78,10 @@ async def download_state(
     if parallel < 1 or timeout <= 0 or call_timeout <= 0:
         raise ValueError("parallel >= 1, timeout > 0 and call_timeout > 0 are required")
     started = time.monotonic()
-    stubs = {pid: StateStub(p2p, pid, list(maddrs)) for pid, maddrs in sources}
+    stubs = {
+        source[0]: StateStub(p2p, source[0], list(source[1]), data_addr=(source[2:] or [None])[0], direct=direct)
+        for source in sources
+    }
     try:
         async with asyncio.timeout(timeout):
             infos = await _ask_everyone(stubs, run_id, stage, call_timeout, layout_check)
@@ -159,7 +166,7 @@ class _Download:
 
     async def run(self, piece_bytes: int, parallel: int) -> bytearray:
         total = self.target.total_bytes
-        buffer = bytearray(total)
+        buffer = self.buffer = bytearray(total)
         pending = deque((offset, min(piece_bytes, total - offset)) for offset in range(0, total, piece_bytes))
         pieces = len(pending)
         in_flight: dict[asyncio.Task, tuple[tuple[int, int], str]] = {}
@@ -175,11 +182,9 @@ class _Download:
                 for task in done:
                     (offset, length), pid = in_flight.pop(task)
                     self.busy[pid] -= 1
-                    data = task.result()
-                    if data is None:
+                    if not task.result():
                         pending.appendleft((offset, length))
                         continue
-                    buffer[offset : offset + length] = data
                     self.bytes_by_source[pid] += length
         if pending:
             raise StateSyncError(
@@ -194,13 +199,16 @@ class _Download:
         order = self.alive[self._turn % len(self.alive) :] + self.alive[: self._turn % len(self.alive)]
         return min(order, key=lambda pid: self.busy[pid])
 
-    async def _fetch(self, pid: str, piece: tuple[int, int]) -> bytes | None:
-        """One piece from one source, or None after dropping the source for good."""
+    async def _fetch(self, pid: str, piece: tuple[int, int]) -> bool:
+        """One piece from one source, received straight into its place in the buffer; False
+        after dropping the source for good (another source then writes the piece over)."""
         offset, length = piece
         try:
             async with asyncio.timeout(self.call_timeout):
                 stub = self.stubs[pid]
-                return await stub.fetch_range(self.run_id, self.stage, self.target.digest, offset, length)
+                into = memoryview(self.buffer)[offset : offset + length]
+                await stub.fetch_range(self.run_id, self.stage, self.target.digest, offset, length, into=into)
+                return True
         except _SOURCE_FAILURES as e:
             if pid in self.alive:
                 self.alive.remove(pid)
@@ -208,7 +216,7 @@ class _Download:
                     "state source %s failed after %d bytes (%s); resuming from %d others",
                     pid, self.bytes_by_source[pid], _describe(e), len(self.alive),
                 )
-            return None
+            return False
 
 
 def _describe(error: BaseException) -> str:

@@ -83,8 +83,8 @@ class StageArchive:
         held_step = held.step if held is not None else -1
         if not found or max(info.step for info, _ in found) <= held_step:
             return False
-        sources = [(info.peer_id, record.maddrs) for info, record in found]
-        result = await download_state(self.dht.p2p, sources, run_id=self.run_id, stage=stage)
+        sources = [(info.peer_id, record.maddrs, record.averaging_addr) for info, record in found]
+        result = await download_state(self.dht.p2p, sources, run_id=self.run_id, stage=stage, direct=self.dht.direct)
         snapshot = result.snapshot
         if snapshot.step <= held_step:
             return False

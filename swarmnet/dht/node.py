@@ -22,6 +22,7 @@ from swarmnet.dht.identity import Identity
 from swarmnet.dht.records import RecordError, SignedRecord, decode_record, encode_record
 from swarmnet.dht.validator import SwarmnetRecordValidator
 from swarmnet.errors import ConfigError
+from swarmnet.protocols.direct import DirectClient
 from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class SwarmDHT:
         self.identity = identity
         self.p2p = p2p
         self.node = node
+        self.direct: DirectClient | None = DirectClient(identity)
+        """Direct data-plane connections this process opens (None: libp2p streams only)."""
         self._known: dict[PeerID, int] = {}
         """Every DHT node we have had in our routing table (or bootstrapped from), with how many
         re-pings in a row failed: the watchdog's candidates to reconnect to."""
@@ -191,6 +194,8 @@ class SwarmDHT:
     async def shutdown(self) -> None:
         """Stops the DHT node, then p2pd; safe to call twice."""
         self._watchdog.cancel()
+        if self.direct is not None:
+            self.direct.close()
         try:
             await self.node.shutdown()
         finally:

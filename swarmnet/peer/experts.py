@@ -95,9 +95,14 @@ class RemoteExperts:
                 self._replicas[uid] = [info for info, _ in fresh] or known
                 for info, record in fresh:
                     stub = self._stubs.get(info.peer_id)
-                    if stub is None or stub.maddrs != record.maddrs:
+                    if stub is None or stub.maddrs != record.maddrs or stub.data_addr != record.averaging_addr:
                         self._stubs[info.peer_id] = StageStub(
-                            self.dht.p2p, info.peer_id, record.maddrs, max_reply_bytes=self._max_reply_bytes
+                            self.dht.p2p,
+                            info.peer_id,
+                            record.maddrs,
+                            max_reply_bytes=self._max_reply_bytes,
+                            data_addr=record.averaging_addr,
+                            direct=self.dht.direct,
                         )
             metrics.LIVE_EXPERTS.labels(layer=str(layer)).set(int(self.alive(layer).sum()))
 

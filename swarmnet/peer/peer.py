@@ -26,6 +26,7 @@ from swarmnet.peer.checkpoint import CheckpointStore
 from swarmnet.peer.detect import describe_device
 from swarmnet.peer.session import PeerContext, serve_stage
 from swarmnet.pipeline.stage_choice import choose_expert, choose_stage, explain_stage_choice
+from swarmnet.protocols.direct import DirectEndpoint
 from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ async def run_peer(
         keeper = asyncio.create_task(keep_manifest(dht, manifest.run_id), name="keep-manifest")
         try:
             async with await AllReduceServer.create(host=config.host, port=config.averaging_port) as allreduce:
+                if config.direct_data_plane:
+                    allreduce.direct = DirectEndpoint(identity)
+                else:
+                    dht.direct = None
                 ctx = PeerContext(
                     dht=dht, manifest=manifest, config=config, allreduce=allreduce, metrics_addr=metrics_addr, launched=launched
                 )

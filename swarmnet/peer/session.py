@@ -41,7 +41,9 @@ from swarmnet.peer.serving import StageServing
 from swarmnet.peer.throughput import measure_throughput
 from swarmnet.pipeline.rebalance import move_delay, plan_move
 from swarmnet.protocols.addresses import announced_host
+from swarmnet.protocols.stage import PROTOCOL as STAGE_PROTOCOL
 from swarmnet.protocols.stage import StageServicer
+from swarmnet.protocols.state import PROTOCOL as STATE_PROTOCOL
 from swarmnet.protocols.state import StateServicer
 from swarmnet.telemetry import events, metrics
 
@@ -94,9 +96,14 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         await executor.run(strategy.after_state_loaded)
         logger.info("stage %d: loaded state at step %d from %s", stage, strategy.epoch, source)
 
-    async def download(sources: list[tuple[str, list[str]]]):
+    async def download(sources: list[tuple[str, list[str], str | None]]):
         return await download_state(
-            dht.p2p, sources, run_id=run_id, stage=stage, layout_check=functools.partial(check_entries, strategy.state_view())
+            dht.p2p,
+            sources,
+            run_id=run_id,
+            stage=stage,
+            layout_check=functools.partial(check_entries, strategy.state_view()),
+            direct=dht.direct,
         )
 
     async def resync(only: list[str] | None = None) -> None:
@@ -106,7 +113,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         start = time.monotonic()
         for attempt in range(SYNC_ATTEMPTS):
             sources = [
-                (info.peer_id, record.maddrs)
+                (info.peer_id, record.maddrs, record.averaging_addr)
                 for info, record in await read_stage(dht, manifest, stage)
                 if info.peer_id != dht.peer_id and (only is None or info.peer_id in only)
             ]
@@ -175,6 +182,9 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
         origin = await restore()
         await stage_servicer.register(dht.p2p)
         await state_servicer.register(dht.p2p)
+        if ctx.allreduce.direct is not None:
+            stage_servicer.register_direct(ctx.allreduce.direct)
+            state_servicer.register_direct(ctx.allreduce.direct)
         registered = True
         await averager.publish_progress(force=True)
         maddrs = await dht.visible_maddrs()
@@ -268,6 +278,9 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
             ctx.allreduce.handoff_target = None
         await averager.publish_left()
         if registered:
+            if ctx.allreduce.direct is not None:
+                ctx.allreduce.direct.remove(STAGE_PROTOCOL)
+                ctx.allreduce.direct.remove(STATE_PROTOCOL)
             await _quietly(stage_servicer.unregister(dht.p2p))
             await _quietly(state_servicer.unregister(dht.p2p))
         serving.shutdown()

@@ -1,26 +1,52 @@
-"""Opening libp2p streams to a peer known from its DHT record (peer id + announced multiaddrs)."""
+"""Opening call streams to a peer known from its DHT record: over the direct data plane when the
+peer announces one and it can be reached, else as a libp2p stream through p2pd."""
 
 from __future__ import annotations
 
-import asyncio
+import logging
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.errors import PeerUnavailableError
+from swarmnet.protocols.direct import DirectClient, DirectUnavailable
+from swarmnet.protocols.framing import FramedStream
+from swarmnet.telemetry import metrics
+
+logger = logging.getLogger(__name__)
 
 
 class PeerDialer:
-    """Connects to the peer's announced addresses once (p2pd may not know them otherwise), then
-    opens one stream per call; any failure is a retryable `PeerUnavailableError`."""
+    """Opens one stream per call to one peer. With a `direct` client and the peer's `data_addr`,
+    calls go over direct TCP (pooled, authenticated connections); when that cannot be set up,
+    they fall back to p2pd, which connects to the peer's announced addresses once (p2pd may not
+    know them otherwise). Any failure is a retryable `PeerUnavailableError`."""
 
-    def __init__(self, p2p: P2P, peer_id: str, maddrs: list[str]):
+    def __init__(
+        self,
+        p2p: P2P,
+        peer_id: str,
+        maddrs: list[str],
+        *,
+        data_addr: str | None = None,
+        direct: DirectClient | None = None,
+    ):
         self.p2p = p2p
         self.peer_id = peer_id
         self.maddrs = maddrs
+        self.data_addr = data_addr
+        self.direct = direct
         self._connected = False
 
-    async def open(self, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open(self, protocol: str, stream_cls: type[FramedStream] = FramedStream) -> FramedStream:
+        if self.direct is not None and self.data_addr and self.direct.usable(self.data_addr):
+            try:
+                stream = await self.direct.open(self.data_addr, self.peer_id, protocol, stream_cls)
+            except DirectUnavailable as e:
+                logger.info("no direct connection to %s (%s); using libp2p", self.peer_id, e)
+            else:
+                metrics.STREAMS.labels(stream_cls.protocol, "direct").inc()
+                return stream
         try:
             pid = PeerID.from_base58(self.peer_id)
             if not self._connected and self.maddrs:
@@ -32,4 +58,5 @@ class PeerDialer:
         except Exception as e:  # bad peer ids, and p2pd's dial failures (ControlFailure, ConnectionError)
             self._connected = False
             raise PeerUnavailableError(f"cannot open a stream to {self.peer_id}: {e}", peer=self.peer_id) from e
-        return reader, writer
+        metrics.STREAMS.labels(stream_cls.protocol, "p2p").inc()
+        return stream_cls(reader, writer, peer=self.peer_id)

@@ -17,16 +17,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import msgpack
 import torch
 
 from swarmnet.errors import PeerUnavailableError, ProtocolError, SwarmnetError, error_from_code
+from swarmnet.protocols import compression as compression_codec
 from swarmnet.protocols.codec import from_body, to_body
+from swarmnet.protocols.compression import COMPRESSIONS
 from swarmnet.telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,6 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-COMPRESSIONS = ("none", "fp16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,20 +60,17 @@ class TensorHeader:
     compression: str = "none"
 
     @property
-    def wire_dtype(self) -> torch.dtype:
-        return torch.float16 if self.compression == "fp16" else DTYPES[self.dtype]
-
-    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.wire_dtype.itemsize
+        """Bytes on the wire."""
+        return compression_codec.wire_nbytes(math.prod(self.shape), DTYPES[self.dtype], self.compression)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
             raise ProtocolError(f"unsupported dtype {self.dtype!r}")
         if self.compression not in COMPRESSIONS:
             raise ProtocolError(f"unsupported compression {self.compression!r}")
-        if self.compression == "fp16" and not DTYPES[self.dtype].is_floating_point:
-            raise ProtocolError("fp16 compression applies to floating-point tensors only")
+        if self.compression != "none" and not DTYPES[self.dtype].is_floating_point:
+            raise ProtocolError(f"{self.compression} compression applies to floating-point tensors only")
         if len(self.shape) > 8 or any(d < 0 for d in self.shape):
             raise ProtocolError(f"invalid tensor shape {self.shape}")
         if self.nbytes > MAX_TENSOR_BYTES:
@@ -86,26 +85,138 @@ def header_for(tensor: torch.Tensor, compression: str = "none") -> TensorHeader:
     return TensorHeader(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), compression=compression)
 
 
+class StreamIO:
+    """Bytes over an asyncio (reader, writer) pair: a libp2p stream through p2pd."""
+
+    chunk_bytes = CHUNK_BYTES
+    transport = "p2p"
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def read_exactly(self, n: int) -> bytes:
+        return await self.reader.readexactly(n)
+
+    async def read_into(self, view: memoryview) -> None:
+        view[:] = await self.reader.readexactly(len(view))
+
+    async def read_some(self, n: int) -> bytes:
+        return await self.reader.read(n)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class SocketIO:
+    """Bytes over a raw non-blocking TCP socket (the direct data plane): sends hand the caller's
+    buffers to the kernel and receives fill the caller's buffer, with no copy in between, and
+    frames may be as large as `MAX_FRAME_BYTES`."""
+
+    chunk_bytes = MAX_FRAME_BYTES
+    transport = "direct"
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._out: list[bytes | memoryview] = []
+        self._pushed_back = b""
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._out.append(data)
+
+    async def drain(self) -> None:
+        out, self._out = self._out, []
+        loop = asyncio.get_running_loop()
+        small = b"".join(bytes(d) for d in out) if sum(len(d) for d in out) <= 64 * 1024 else None
+        for data in [small] if small is not None else out:
+            await loop.sock_sendall(self.sock, data)
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes are waiting on either side of this object (a connection in that state
+        cannot carry another call)."""
+        return bool(self._out or self._pushed_back)
+
+    def push_back(self, data: bytes) -> None:
+        """Bytes already read (e.g. while waiting for the next request) that reads return first."""
+        self._pushed_back = data + self._pushed_back
+
+    async def read_exactly(self, n: int) -> bytes:
+        buffer = bytearray(n)
+        await self.read_into(memoryview(buffer))
+        return bytes(buffer)
+
+    async def read_into(self, view: memoryview) -> None:
+        got = min(len(view), len(self._pushed_back))
+        if got:
+            view[:got] = self._pushed_back[:got]
+            self._pushed_back = self._pushed_back[got:]
+        loop = asyncio.get_running_loop()
+        while got < len(view):
+            count = await loop.sock_recv_into(self.sock, view[got:])
+            if not count:
+                raise asyncio.IncompleteReadError(bytes(view[:got]), len(view))
+            got += count
+
+    async def read_some(self, n: int) -> bytes:
+        if self._pushed_back:
+            data, self._pushed_back = self._pushed_back[:n], self._pushed_back[n:]
+            return data
+        return await asyncio.get_running_loop().sock_recv(self.sock, n)
+
+    async def close(self) -> None:
+        self.sock.close()
+
+
 class FramedStream:
-    """Typed messages, tensors and errors over one asyncio (reader, writer) pair."""
+    """Typed messages, tensors and errors over one byte stream: a libp2p stream through p2pd
+    (`FramedStream(reader, writer)`) or a direct TCP connection (`FramedStream.over(SocketIO)`)."""
 
     protocol = "stage"
     """The protocol's name in metrics (`swarmnet_transferred_bytes_total`, `swarmnet_requests_total`)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer: str | None = None):
-        self.reader = reader
-        self.writer = writer
+    def __init__(
+        self,
+        reader: asyncio.StreamReader | None = None,
+        writer: asyncio.StreamWriter | None = None,
+        *,
+        peer: str | None = None,
+        io: StreamIO | SocketIO | None = None,
+    ):
+        self.io = io if io is not None else StreamIO(reader, writer)
         self.peer = peer
         self.kind: str | None = None
         """The type of the first message received (on a server: the request's kind)."""
+        self.on_close: Callable[[FramedStream, bool], Awaitable[None]] | None = None
+        """Set by a connection pool: called by `close` instead of closing the transport, with
+        whether the call `completed` cleanly (then the connection may carry another call)."""
+        self._completed = False
         self._sent = metrics.TRANSFERRED_BYTES.labels(self.protocol, "sent")
         self._received = metrics.TRANSFERRED_BYTES.labels(self.protocol, "received")
+
+    @classmethod
+    def over(cls, io: StreamIO | SocketIO, *, peer: str | None = None) -> Self:
+        return cls(io=io, peer=peer)
+
+    @property
+    def transport(self) -> str:
+        return self.io.transport
 
     # --- writing -------------------------------------------------------------------------------
 
     def _frame(self, kind: int, payload: bytes | memoryview) -> None:
-        self.writer.write(bytes([kind]) + len(payload).to_bytes(4, "big"))
-        self.writer.write(payload)
+        self.io.write(bytes([kind]) + len(payload).to_bytes(4, "big"))
+        self.io.write(payload)
         self._sent.inc(_HEADER + len(payload))
 
     async def send_message(self, message: Any) -> None:
@@ -113,26 +224,31 @@ class FramedStream:
         if len(payload) > MAX_MESSAGE_BYTES:
             raise ProtocolError(f"message {type(message).__name__} is {len(payload)} bytes")
         self._frame(MESSAGE, payload)
-        await self.writer.drain()
+        await self.io.drain()
 
     async def send_tensor(self, tensor: torch.Tensor, header: TensorHeader) -> None:
-        data = tensor.detach().to("cpu", header.wire_dtype).contiguous().view(-1).view(torch.uint8)
-        view = memoryview(data.numpy())
-        for offset in range(0, len(view), CHUNK_BYTES):
-            self._frame(CHUNK, view[offset : offset + CHUNK_BYTES])
-            await self.writer.drain()
+        data = await _encode(tensor.detach(), header.compression)
+        await self.send_raw(memoryview(data.numpy()))
+
+    async def send_raw(self, view: memoryview) -> None:
+        """Bytes as CHUNK frames of the transport's chunk size."""
+        step = self.io.chunk_bytes
+        for offset in range(0, len(view), step):
+            self._frame(CHUNK, view[offset : offset + step])
+            await self.io.drain()
 
     async def send_error(self, error: BaseException) -> None:
         code = error.code if isinstance(error, SwarmnetError) else "internal"
         message = str(error) if isinstance(error, SwarmnetError) else f"internal error: {type(error).__name__}"
         self._frame(ERROR, msgpack.packb([code, message[:4000]], use_bin_type=True))
-        await self.writer.drain()
+        await self.io.drain()
 
     # --- reading -------------------------------------------------------------------------------
 
-    async def _read_frame(self) -> tuple[int, bytes]:
+    async def _read_head(self) -> tuple[int, int]:
+        """Type and length of the next frame, checked against the limits before its payload is read."""
         try:
-            head = await self.reader.readexactly(_HEADER)
+            head = await self.io.read_exactly(_HEADER)
         except asyncio.IncompleteReadError as e:
             raise ProtocolError("stream closed before a frame arrived") from e
         except ConnectionError as e:
@@ -143,14 +259,22 @@ class FramedStream:
             raise ProtocolError(f"unknown frame type {kind}")
         if length > limit:
             raise ProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit")
+        return kind, length
+
+    async def _read_payload_into(self, view: memoryview) -> None:
         try:
-            payload = await self.reader.readexactly(length)
+            await self.io.read_into(view)
         except asyncio.IncompleteReadError as e:
             raise ProtocolError("stream closed inside a frame") from e
         except ConnectionError as e:
             raise PeerUnavailableError(f"connection lost: {e}", peer=self.peer) from e
-        self._received.inc(_HEADER + length)
-        return kind, payload
+        self._received.inc(_HEADER + len(view))
+
+    async def _read_frame(self) -> tuple[int, bytes]:
+        kind, length = await self._read_head()
+        payload = bytearray(length)
+        await self._read_payload_into(memoryview(payload))
+        return kind, bytes(payload)
 
     async def receive_message(self, *expected: type) -> Any:
         """Reads one message of one of the `expected` types; raises the typed error on an ERROR frame."""
@@ -170,27 +294,36 @@ class FramedStream:
                 return from_body(cls, body, ProtocolError)
         raise ProtocolError(f"unexpected message {name!r}, expected {[c.__name__ for c in expected]}")
 
+    async def receive_raw(self, buffer: memoryview) -> None:
+        """Fills `buffer` from CHUNK frames (straight into it: no intermediate copy on a direct
+        connection); raises the typed error if the peer sends an error frame instead."""
+        received = 0
+        while received < len(buffer):
+            kind, length = await self._read_head()
+            if kind == ERROR:
+                payload = bytearray(length)
+                await self._read_payload_into(memoryview(payload))
+                raise decode_error(bytes(payload), self.peer)
+            if kind != CHUNK:
+                raise ProtocolError("expected a data chunk")
+            if received + length > len(buffer):
+                raise ProtocolError("data chunks exceed the announced size")
+            await self._read_payload_into(buffer[received : received + length])
+            received += length
+
     async def receive_tensor(self, header: TensorHeader, max_bytes: int = MAX_TENSOR_BYTES) -> torch.Tensor:
         """Reads the chunks of a tensor whose header the caller has already validated."""
         header.check()
         if header.nbytes > max_bytes:
             raise ProtocolError(f"tensor of {header.nbytes} bytes exceeds the expected {max_bytes}")
-        buffer = bytearray(header.nbytes)
-        received = 0
-        while received < len(buffer):
-            kind, payload = await self._read_frame()
-            if kind == ERROR:
-                raise decode_error(payload, self.peer)
-            if kind != CHUNK:
-                raise ProtocolError("expected a tensor chunk")
-            if received + len(payload) > len(buffer):
-                raise ProtocolError("tensor chunks exceed the announced size")
-            buffer[received : received + len(payload)] = payload
-            received += len(payload)
-        if not buffer:
-            return torch.empty(header.shape, dtype=DTYPES[header.dtype])
-        tensor = torch.frombuffer(buffer, dtype=header.wire_dtype).reshape(header.shape)
-        return tensor.to(DTYPES[header.dtype])
+        data = torch.empty(header.nbytes, dtype=torch.uint8)
+        if header.nbytes:
+            await self.receive_raw(memoryview(data.numpy()))
+        return await _decode(data, header)
+
+    def completed(self) -> None:
+        """Client side: the call's exchange ended cleanly, so a pooled connection may be reused."""
+        self._completed = True
 
     async def finish(self, *, timeout: float = 5.0, limit: int = 64 * 1024 * 1024) -> None:
         """Server side, after the last reply frame: wait until the client closes the stream,
@@ -200,17 +333,41 @@ class FramedStream:
         discarded = 0
         async with asyncio.timeout(timeout):
             while discarded < limit:
-                data = await self.reader.read(CHUNK_BYTES)
+                data = await self.io.read_some(CHUNK_BYTES)
                 if not data:
                     return
                 discarded += len(data)
 
     async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            await on_close(self, self._completed)
+            return
+        await self.io.close()
+
+
+_OFF_LOOP_BYTES = 4 * 1024 * 1024
+"""Tensors at least this large are encoded and decoded in a worker thread (torch releases the GIL),
+so compressing a large activation does not stall the event loop."""
+
+
+async def _encode(tensor: torch.Tensor, compression: str) -> torch.Tensor:
+    try:
+        if compression == "none" or tensor.numel() * tensor.element_size() < _OFF_LOOP_BYTES:
+            return compression_codec.encode(tensor, compression)
+        return await asyncio.to_thread(compression_codec.encode, tensor, compression)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from e
+
+
+async def _decode(data: torch.Tensor, header: TensorHeader) -> torch.Tensor:
+    dtype = DTYPES[header.dtype]
+    try:
+        if header.compression == "none" or len(data) < _OFF_LOOP_BYTES:
+            return compression_codec.decode(data, header.shape, dtype, header.compression)
+        return await asyncio.to_thread(compression_codec.decode, data, header.shape, dtype, header.compression)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from e
 
 
 def decode_error(payload: bytes, peer: str | None) -> SwarmnetError:
@@ -221,9 +378,10 @@ def decode_error(payload: bytes, peer: str | None) -> SwarmnetError:
         return ProtocolError(f"malformed error reply from {peer}: {e}")
 
 
-async def serve_stream(stream: FramedStream, serve: Callable[[], Awaitable[None]], *, what: str) -> None:
+async def serve_request(stream: FramedStream, serve: Callable[[], Awaitable[None]], *, what: str) -> str:
     """Runs one server-side request on `stream`: a typed error reply for whatever `serve` raises
-    (the handler keeps serving other streams), then the graceful end every server must follow."""
+    (the handler keeps serving other streams), counted in metrics. Returns the outcome ("ok", an
+    error code, "disconnected", "timeout" or "internal")."""
     client = stream.peer
     started = time.perf_counter()
     outcome = "ok"
@@ -249,6 +407,15 @@ async def serve_stream(stream: FramedStream, serve: Callable[[], Awaitable[None]
         metrics.REQUESTS.labels(what, kind, outcome).inc()
         if outcome == "ok":
             metrics.REQUEST_SECONDS.labels(what, kind).observe(time.perf_counter() - started)
+    return outcome
+
+
+async def serve_stream(stream: FramedStream, serve: Callable[[], Awaitable[None]], *, what: str) -> None:
+    """One request on its own stream (libp2p): `serve_request`, then the graceful end every
+    server must follow."""
+    try:
+        await serve_request(stream, serve, what=what)
+    finally:
         await quietly(stream.finish())
         await quietly(stream.close())
 

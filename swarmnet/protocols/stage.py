@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,7 @@ import torch
 from hivemind.p2p import P2P
 
 from swarmnet.protocols.dial import PeerDialer
+from swarmnet.protocols.direct import DirectClient, DirectEndpoint
 from swarmnet.protocols.framing import (
     MAX_TENSOR_BYTES,
     FramedStream,
@@ -29,6 +31,7 @@ from swarmnet.protocols.framing import (
     header_for,
     serve_stream,
 )
+from swarmnet.protocols.links import LinkEstimate, choose_compression
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,9 @@ class StageServicer:
     async def unregister(self, p2p: P2P) -> None:
         await p2p.remove_binary_stream_handler(PROTOCOL)
 
+    def register_direct(self, endpoint: DirectEndpoint) -> None:
+        endpoint.add(PROTOCOL, FramedStream, self._serve, what="stage")
+
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = str(info.peer_id)
         stream = FramedStream(reader, writer, peer=client)
@@ -139,26 +145,41 @@ class StageStub:
     """Client side of the stage protocol for one remote peer."""
 
     def __init__(
-        self, p2p: P2P, peer_id: str, maddrs: list[str], *, compression: str = "none", max_reply_bytes: int = MAX_TENSOR_BYTES
+        self,
+        p2p: P2P,
+        peer_id: str,
+        maddrs: list[str],
+        *,
+        compression: str = "none",
+        max_reply_bytes: int = MAX_TENSOR_BYTES,
+        data_addr: str | None = None,
+        direct: DirectClient | None = None,
+        auto_thresholds: tuple[float, float] = (2000.0, 400.0),
     ):
         self.p2p = p2p
         self.max_reply_bytes = max_reply_bytes
         self.peer_id = peer_id
         self.maddrs = maddrs
+        self.data_addr = data_addr
         self.compression = compression
-        self.dialer = PeerDialer(p2p, peer_id, maddrs)
+        """`none`, `fp16`, `int8`, or `auto`: chosen per call from `link`'s measured bandwidth
+        with `auto_thresholds` (Mbit/s below which fp16, then int8, are used)."""
+        self.auto_thresholds = auto_thresholds
+        self.link = LinkEstimate()
+        self.dialer = PeerDialer(p2p, peer_id, maddrs, data_addr=data_addr, direct=direct)
 
     async def forward(
         self, run_id: str, microbatch_id: str, stage: int, x: torch.Tensor, targets: torch.Tensor | None = None
     ) -> ForwardResult:
-        header = header_for(x, self.compression)
+        compression = self._compression()
+        header = header_for(x, compression)
         request = ForwardRequest(
             run_id=run_id,
             microbatch_id=microbatch_id,
             stage=stage,
             input=header,
             targets=header_for(targets) if targets is not None else None,
-            reply_compression=self.compression,
+            reply_compression=compression,
         )
         stream = await self._open()
         try:
@@ -168,8 +189,11 @@ class StageStub:
                 if targets is not None:
                     await stream.send_tensor(targets, request.targets)
             reply = await stream.receive_message(ForwardReply)
+            started = time.perf_counter()
             output = await stream.receive_tensor(reply.output, self.max_reply_bytes) if reply.output else None
             grad = await stream.receive_tensor(reply.grad_input, self.max_reply_bytes) if reply.grad_input else None
+            stream.completed()
+            self._measured(started, reply.output, reply.grad_input)
             return ForwardResult(output=output, grad_input=grad, loss=reply.loss, step=reply.step)
         finally:
             await stream.close()
@@ -177,13 +201,14 @@ class StageStub:
     async def backward(
         self, run_id: str, microbatch_id: str, stage: int, grad_output: torch.Tensor
     ) -> torch.Tensor | None:
-        header = header_for(grad_output, self.compression)
+        compression = self._compression()
+        header = header_for(grad_output, compression)
         request = BackwardRequest(
             run_id=run_id,
             microbatch_id=microbatch_id,
             stage=stage,
             grad_output=header,
-            reply_compression=self.compression,
+            reply_compression=compression,
         )
         stream = await self._open()
         try:
@@ -191,13 +216,23 @@ class StageStub:
                 await stream.send_message(request)
                 await stream.send_tensor(grad_output, header)
             reply = await stream.receive_message(BackwardReply)
-            return await stream.receive_tensor(reply.grad_input, self.max_reply_bytes) if reply.grad_input else None
+            started = time.perf_counter()
+            grad = await stream.receive_tensor(reply.grad_input, self.max_reply_bytes) if reply.grad_input else None
+            stream.completed()
+            self._measured(started, reply.grad_input)
+            return grad
         finally:
             await stream.close()
 
     async def _open(self) -> FramedStream:
-        reader, writer = await self.dialer.open(PROTOCOL)
-        return FramedStream(reader, writer, peer=self.peer_id)
+        return await self.dialer.open(PROTOCOL)
+
+    def _compression(self) -> str:
+        fp16_below, int8_below = self.auto_thresholds
+        return choose_compression(self.compression, self.link.mbps, fp16_below=fp16_below, int8_below=int8_below)
+
+    def _measured(self, started: float, *headers: TensorHeader | None) -> None:
+        self.link.observe(sum(h.nbytes for h in headers if h is not None), time.perf_counter() - started)
 
 
 @contextlib.contextmanager

@@ -38,9 +38,8 @@ from swarmnet.errors import (
     UnknownStateError,
 )
 from swarmnet.protocols.dial import PeerDialer
+from swarmnet.protocols.direct import DirectClient, DirectEndpoint
 from swarmnet.protocols.framing import (
-    CHUNK,
-    CHUNK_BYTES,
     ERROR,
     FramedStream,
     decode_error,
@@ -152,6 +151,9 @@ class StateServicer:
         """Digests currently servable, oldest first."""
         self._evict()
         return list(self._held)
+
+    def register_direct(self, endpoint: DirectEndpoint) -> None:
+        endpoint.add(PROTOCOL, StateStream, lambda client, stream: _serve_state(client, stream, self._addressed), what="state")
 
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _handle_state_stream(info, reader, writer, self._addressed)
@@ -278,27 +280,32 @@ async def _handle_state_stream(
     writer: asyncio.StreamWriter,
     addressed: Callable[[StateInfoRequest | StateRangeRequest], StateServicer],
 ) -> None:
-    """One state-protocol stream: read the request, hand it to the servicer it is addressed to
-    (`addressed` raises the typed error when none is), answer."""
+    """One state-protocol libp2p stream."""
     client = str(info.peer_id)
     stream = StateStream(reader, writer, peer=client)
+    await serve_stream(stream, lambda: _serve_state(client, stream, addressed), what="state")
 
-    async def serve() -> None:
-        async with asyncio.timeout(REQUEST_READ_TIMEOUT):
-            request = await stream.receive_message(StateInfoRequest, StateRangeRequest)
-        await addressed(request).answer(client, stream, request)
 
-    await serve_stream(stream, serve, what="state")
+async def _serve_state(
+    client: str, stream: StateStream, addressed: Callable[[StateInfoRequest | StateRangeRequest], StateServicer]
+) -> None:
+    """Reads one request, hands it to the servicer it is addressed to (`addressed` raises the
+    typed error when none is), which answers."""
+    async with asyncio.timeout(REQUEST_READ_TIMEOUT):
+        request = await stream.receive_message(StateInfoRequest, StateRangeRequest)
+    await addressed(request).answer(client, stream, request)
 
 
 class StateStub:
     """Client side of the state protocol for one remote peer."""
 
-    def __init__(self, p2p: P2P, peer_id: str, maddrs: list[str]):
+    def __init__(
+        self, p2p: P2P, peer_id: str, maddrs: list[str], *, data_addr: str | None = None, direct: DirectClient | None = None
+    ):
         self.p2p = p2p
         self.peer_id = peer_id
         self.maddrs = maddrs
-        self.dialer = PeerDialer(p2p, peer_id, maddrs)
+        self.dialer = PeerDialer(p2p, peer_id, maddrs, data_addr=data_addr, direct=direct)
 
     async def info(self, run_id: str, stage: int) -> StateInfo:
         """The snapshot the peer would serve now; raises a typed error or `ProtocolError`."""
@@ -310,10 +317,14 @@ class StateStub:
             step, entries = decode_header(await stream.receive_bytes(reply.header_bytes), ProtocolError)
             if step != reply.step or sum(e.nbytes for e in entries) != reply.total_bytes:
                 raise ProtocolError(f"state info from {self.peer_id} contradicts its header")
+            stream.completed()
             return StateInfo(step=step, digest=reply.digest, total_bytes=reply.total_bytes, entries=entries)
 
-    async def fetch_range(self, run_id: str, stage: int, digest: str, offset: int, length: int) -> bytes:
-        """Bytes `[offset, offset + length)` of the peer's snapshot `digest`."""
+    async def fetch_range(
+        self, run_id: str, stage: int, digest: str, offset: int, length: int, *, into: memoryview | None = None
+    ) -> bytes | memoryview:
+        """Bytes `[offset, offset + length)` of the peer's snapshot `digest` (received straight
+        into `into`, when given)."""
         async with self._call() as stream:
             await stream.send_message(
                 StateRangeRequest(run_id=run_id, stage=stage, digest=digest, offset=offset, length=length)
@@ -321,7 +332,9 @@ class StateStub:
             reply = await stream.receive_message(StateRangeReply)
             if (reply.digest, reply.offset, reply.length) != (digest, offset, length):
                 raise ProtocolError(f"{self.peer_id} answered a different range")
-            return await stream.receive_bytes(length)
+            data = await stream.receive_bytes(length, into)
+            stream.completed()
+            return data
 
     @contextlib.asynccontextmanager
     async def _call(self) -> AsyncIterator[StateStream]:
@@ -335,8 +348,7 @@ class StateStub:
             await stream.close()
 
     async def _open(self) -> StateStream:
-        reader, writer = await self.dialer.open(PROTOCOL)
-        return StateStream(reader, writer, peer=self.peer_id)
+        return await self.dialer.open(PROTOCOL, StateStream)
 
 
 class StateStream(FramedStream):
@@ -345,22 +357,16 @@ class StateStream(FramedStream):
     protocol = "state"
 
     async def send_bytes(self, view: memoryview) -> None:
-        for start in range(0, len(view), CHUNK_BYTES):
-            self._frame(CHUNK, view[start : start + CHUNK_BYTES])
-            await self.writer.drain()
+        await self.send_raw(view)
 
-    async def receive_bytes(self, length: int) -> bytes:
-        """Exactly `length` bytes of CHUNK frames; a typed error if the peer sends an error frame."""
-        parts, received = [], 0
-        while received < length:
-            kind, payload = await self._read_frame()
-            if kind != CHUNK:
-                raise ProtocolError("expected a data chunk")
-            if received + len(payload) > length:
-                raise ProtocolError("data chunks exceed the announced length")
-            parts.append(payload)
-            received += len(payload)
-        return b"".join(parts)
+    async def receive_bytes(self, length: int, into: memoryview | None = None) -> bytes | memoryview:
+        """Exactly `length` bytes of CHUNK frames (into `into` when given); a typed error if the
+        peer sends an error frame."""
+        buffer = into if into is not None else memoryview(bytearray(length))
+        if len(buffer) != length:
+            raise ValueError(f"a buffer of {len(buffer)} bytes for {length}")
+        await self.receive_raw(buffer)
+        return buffer if into is not None else bytes(buffer)
 
     async def _read_frame(self) -> tuple[int, bytes]:
         kind, payload = await super()._read_frame()

@@ -36,6 +36,16 @@ TRANSFERRED_BYTES = Counter(
     "swarmnet_transferred_bytes_total", "Bytes this process sent and received, by protocol and direction (sent, received)",
     ["protocol", "direction"],
 )
+STREAMS = Counter(
+    "swarmnet_streams_opened_total",
+    "Stage and state call streams this process opened, by protocol and transport (direct TCP, or p2p through p2pd)",
+    ["protocol", "transport"],
+)
+DIRECT_CONNECTIONS = Counter(
+    "swarmnet_direct_connections_total",
+    "Direct data-plane connections opened (as a client) and accepted (as a server), by outcome",
+    ["side", "outcome"],
+)
 
 # --- peer: serving a stage or an expert -----------------------------------------------------------
 

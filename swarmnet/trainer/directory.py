@@ -75,16 +75,20 @@ class StageDirectory:
         for signed in progress:
             if signed.record.left or signed.record.leaving:
                 known.pop(signed.peer_id, None)
+        network = self.manifest.network
         for info, record in found:
             known[info.peer_id] = info
             stub = self._stubs.get(info.peer_id)
-            if stub is None or stub.maddrs != record.maddrs:
+            if stub is None or stub.maddrs != record.maddrs or stub.data_addr != record.averaging_addr:
                 self._stubs[info.peer_id] = StageStub(
                     self.dht.p2p,
                     info.peer_id,
                     record.maddrs,
                     compression=self.compression,
                     max_reply_bytes=self._max_reply_bytes,
+                    data_addr=record.averaging_addr,
+                    direct=self.dht.direct,
+                    auto_thresholds=(network.auto_fp16_below_mbps, network.auto_int8_below_mbps),
                 )
         if not found and known:
             logger.info("stage %d: DHT returned no records; keeping %d known peers", stage, len(known))

@@ -51,7 +51,9 @@ async def run_swarm_training(
         )
         on_start(manifest, dht.peer_id, metrics_addr)
         data = await asyncio.to_thread(make_data, manifest)
-        directory = StageDirectory(dht, manifest)
+        if not config.direct_data_plane:
+            dht.direct = None
+        directory = StageDirectory(dht, manifest, compression=manifest.network.compression)
         trainer = SwarmTrainer(manifest, config, directory, data)
         latest = TrainerRecord(step=0, loss=math.nan, samples_per_s=0.0, metrics_addr=metrics_addr)
 

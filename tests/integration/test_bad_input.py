@@ -47,8 +47,7 @@ async def _attack(ready: dict, manifest) -> None:
                     await asyncio.wait_for(coro, 30)
 
             async def raw(write) -> FramedStream:
-                reader, writer = await PeerDialer(client.p2p, ready["peer_id"], ready["maddrs"]).open(proto.PROTOCOL)
-                stream = FramedStream(reader, writer)
+                stream = await PeerDialer(client.p2p, ready["peer_id"], ready["maddrs"]).open(proto.PROTOCOL)
                 await write(stream)
                 return stream
 
@@ -69,27 +68,27 @@ async def _attack(ready: dict, manifest) -> None:
 
             # Malformed frames: unknown frame type, oversized chunk, garbage message, short tensor.
             async def unknown_frame(s: FramedStream) -> None:
-                s.writer.write(bytes([9]) + (4).to_bytes(4, "big") + b"junk")
-                await s.writer.drain()
+                s.io.write(bytes([9]) + (4).to_bytes(4, "big") + b"junk")
+                await s.io.drain()
 
             async def oversized(s: FramedStream) -> None:
                 header = TensorHeader(dtype="float32", shape=[B, T, D])
                 await s.send_message(proto.ForwardRequest(run_id=run_id, microbatch_id="big", stage=1, input=header,
                                                           targets=TensorHeader(dtype="int64", shape=[B, T])))
-                s.writer.write(bytes([CHUNK]) + (MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
-                await s.writer.drain()
+                s.io.write(bytes([CHUNK]) + (MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
+                await s.io.drain()
 
             async def garbage(s: FramedStream) -> None:
-                s.writer.write(bytes([1]) + (6).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1\xc1")
-                await s.writer.drain()
+                s.io.write(bytes([1]) + (6).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1\xc1")
+                await s.io.drain()
 
             async def truncated(s: FramedStream) -> None:
                 header = TensorHeader(dtype="float32", shape=[B, T, D])
                 await s.send_message(proto.ForwardRequest(run_id=run_id, microbatch_id="short", stage=1, input=header,
                                                           targets=TensorHeader(dtype="int64", shape=[B, T])))
-                s.writer.write(bytes([CHUNK]) + (8).to_bytes(4, "big") + bytes(8))
-                s.writer.write_eof()
-                await s.writer.drain()
+                s.io.write(bytes([CHUNK]) + (8).to_bytes(4, "big") + bytes(8))
+                s.io.writer.write_eof()
+                await s.io.drain()
 
             for attack in (unknown_frame, oversized, garbage, truncated):
                 stream = await raw(attack)

@@ -94,7 +94,7 @@ class DiesAfterFirstPiece(StateServicer):
         if self._first_writer is not None:
             await self.release.wait()
             raise PeerUnavailableError("shut down")
-        self._first_writer = stream.writer
+        self._first_writer = stream.io.writer
         await super()._send_range(stream, snapshot, offset, length)
 
     async def _handle(self, info, reader, writer) -> None:
@@ -294,8 +294,8 @@ def test_bad_range_requests_get_typed_errors_and_the_servicer_keeps_serving():
             for junk in (unknown_frame, garbage_message):
                 stream = await raw_stream(client, pid, maddrs)
                 try:
-                    stream.writer.write(junk)
-                    await stream.writer.drain()
+                    stream.io.write(junk)
+                    await stream.io.drain()
                     with pytest.raises(ProtocolError):
                         await asyncio.wait_for(stream.receive_message(proto.StateInfoReply), 30)
                 finally:
@@ -322,5 +322,4 @@ def test_bad_range_requests_get_typed_errors_and_the_servicer_keeps_serving():
 
 
 async def raw_stream(client: SwarmDHT, peer_id: str, maddrs: list[str]) -> proto.StateStream:
-    reader, writer = await PeerDialer(client.p2p, peer_id, maddrs).open(proto.PROTOCOL)
-    return proto.StateStream(reader, writer, peer=peer_id)
+    return await PeerDialer(client.p2p, peer_id, maddrs).open(proto.PROTOCOL, proto.StateStream)

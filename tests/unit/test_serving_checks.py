@@ -222,7 +222,7 @@ def test_microbatch_id_length(first, last, microbatch_id):
 def test_unknown_compressions(first):
     bad_request(first.check_forward, forward_request(0, reply_compression="zstd"))
     bad_request(first.check_forward, forward_request(0, input=header("int64", B, T, compression="gzip")))
-    bad_request(first.check_backward, backward_request(0, reply_compression="int8"))
+    bad_request(first.check_backward, backward_request(0, reply_compression="int4"))
     odd = header("float32", B, T, D, compression="x")
     bad_request(first.check_backward, backward_request(0, grad_output=odd))
 
@@ -233,6 +233,7 @@ def test_unknown_compressions(first):
 def test_valid_backward_requests_pass(first):
     first.check_backward(backward_request(0))
     first.check_backward(backward_request(0, grad_output=header("float32", 1, T, D, compression="fp16")))
+    first.check_backward(backward_request(0, grad_output=header("float32", 1, T, D, compression="int8")))
 
 
 def test_backward_to_the_last_stage_is_refused(last):
