@@ -14,6 +14,10 @@ client-mode `SwarmDHT`) times, in each repetition and in a rotating order:
 - `swarmnet_all_sources` (reported as `swarmnet_<N>_sources`): `download_state` from every source,
   the digest check it ends with included;
 - `swarmnet_1_source`: `download_state` from the first source alone;
+- `direct_all_sources` / `direct_1_source`: the same over the direct data plane, as peers download
+  (each source also runs a data port, an `AllReduceServer` with a `DirectEndpoint`, and the
+  sources carry its address); the `swarmnet_*` rows are the libp2p path through p2pd (the NAT
+  fallback);
 - `raw_tcp`: the same number of bytes from the first source process over a plain loopback socket
   (`sendall` / `recv_into` a fresh buffer), no framing, no encryption, no verification.
 
@@ -47,7 +51,7 @@ STEP = 1000
 SEED = 20261123
 LAYERS = 16
 COLUMNS = 1024
-METHODS = ("swarmnet_all_sources", "swarmnet_1_source", "raw_tcp")
+METHODS = ("direct_all_sources", "direct_1_source", "swarmnet_all_sources", "swarmnet_1_source", "raw_tcp")
 DOWNLOAD_TIMEOUT = 300.0
 
 
@@ -107,8 +111,10 @@ def _source(identity_path: str, size_bytes: int, loop: str, pipe) -> None:
     """One stage-mate: p2pd + `StateServicer`, plus a raw TCP sender of the same bytes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through the pipe
 
+    from swarmnet.averaging.allreduce import AllReduceServer
     from swarmnet.dht.identity import Identity
     from swarmnet.dht.node import SwarmDHT
+    from swarmnet.protocols.direct import DirectEndpoint
     from swarmnet.protocols.state import StateServicer
 
     async def main() -> None:
@@ -120,11 +126,17 @@ def _source(identity_path: str, size_bytes: int, loop: str, pipe) -> None:
         listener = socket.create_server(("127.0.0.1", 0))
         sender = threading.Thread(target=_serve_raw_tcp, args=(listener, snapshot.data), daemon=True)
         sender.start()
-        dht = None
+        dht = data_port = None
         try:
-            dht = await SwarmDHT.create(identity=Identity.load_or_create(identity_path))
-            await StateServicer(RUN_ID, STAGE, provider).register(dht.p2p)
+            identity = Identity.load_or_create(identity_path)
+            dht = await SwarmDHT.create(identity=identity)
+            servicer = StateServicer(RUN_ID, STAGE, provider)
+            await servicer.register(dht.p2p)
+            data_port = await AllReduceServer.create()
+            data_port.direct = DirectEndpoint(identity)
+            servicer.register_direct(data_port.direct)
             pipe.send({
+                "data_addr": f"127.0.0.1:{data_port.port}",
                 "peer_id": dht.peer_id,
                 "maddrs": await dht.visible_maddrs(),
                 "digest": snapshot.digest,
@@ -137,6 +149,8 @@ def _source(identity_path: str, size_bytes: int, loop: str, pipe) -> None:
         finally:
             listener.close()
             sender.join(timeout=10)
+            if data_port is not None:
+                await data_port.close()
             if dht is not None:
                 await dht.shutdown()
 
@@ -176,6 +190,7 @@ def _downloader(identity_path: str, args: dict, loop: str, pipe) -> None:
     from swarmnet.dht.node import SwarmDHT
 
     sources = [(s["peer_id"], s["maddrs"]) for s in args["sources"]]
+    direct_sources = [(s["peer_id"], s["maddrs"], s["data_addr"]) for s in args["sources"]]
     digest, total, port = args["digest"], args["total_bytes"], args["sources"][0]["tcp_port"]
     repeats, tick = args["repeats"], os.sysconf("SC_CLK_TCK")
     entries = _entries(args["size_bytes"])
@@ -189,14 +204,14 @@ def _downloader(identity_path: str, args: dict, loop: str, pipe) -> None:
             async def swarmnet(chosen) -> tuple[bytes | memoryview, dict[str, int]]:
                 result = await download_state(
                     dht.p2p, chosen, run_id=RUN_ID, stage=STAGE, piece_bytes=args["piece_bytes"],
-                    parallel=args["parallel"], timeout=DOWNLOAD_TIMEOUT,
+                    parallel=args["parallel"], timeout=DOWNLOAD_TIMEOUT, direct=dht.direct,
                 )
                 assert result.snapshot.digest == digest and result.total_bytes == total
                 return result.snapshot.data, result.bytes_by_source
 
             times = {method: [] for method in METHODS}
             cpu = {method: [] for method in METHODS}
-            served: dict[str, list[dict[str, int]]] = {method: [] for method in METHODS[:2]}
+            served: dict[str, list[dict[str, int]]] = {method: [] for method in METHODS[:4]}
             verify, order = [], []
             for rep in range(repeats + 1):
                 rotation = METHODS[rep % len(METHODS):] + METHODS[: rep % len(METHODS)]
@@ -206,7 +221,8 @@ def _downloader(identity_path: str, args: dict, loop: str, pipe) -> None:
                     if method == "raw_tcp":
                         data = _raw_receive(port, total)
                     else:
-                        chosen = sources if method == "swarmnet_all_sources" else sources[:1]
+                        pool = direct_sources if method.startswith("direct") else sources
+                        chosen = pool if method.endswith("all_sources") else pool[:1]
                         data, by_source = await swarmnet(chosen)
                         served[method].append(by_source)
                     times[method].append(time.perf_counter() - start)
@@ -344,6 +360,12 @@ def main() -> None:
         "parallel": args.parallel,
         "loop": args.loop,
         "sources_setup_s": round(setup_s, 2),
+        f"direct_{args.sources}_sources_median_s": round(medians["direct_all_sources"], 4),
+        "direct_1_source_median_s": round(medians["direct_1_source"], 4),
+        f"direct_{args.sources}_sources_mib_per_s": round(mib / medians["direct_all_sources"], 1),
+        "direct_1_source_mib_per_s": round(mib / medians["direct_1_source"], 1),
+        f"direct_{args.sources}_sources_over_raw_tcp": round(medians["direct_all_sources"] / raw, 2),
+        "direct_1_source_over_raw_tcp": round(medians["direct_1_source"] / raw, 2),
         f"swarmnet_{args.sources}_sources_median_s": round(medians["swarmnet_all_sources"], 4),
         "swarmnet_1_source_median_s": round(medians["swarmnet_1_source"], 4),
         "raw_tcp_median_s": round(raw, 4),

@@ -1,17 +1,24 @@
-"""Tensor stream benchmark: one float32 tensor from one peer to another over a libp2p stream
-(`FramedStream` through p2pd), against the same bytes over a plain asyncio TCP socket, same run.
+"""Tensor stream benchmark: one float32 tensor from one peer to another over swarmnet's direct
+data plane and over a libp2p stream (`FramedStream` through p2pd), against the same bytes over a
+plain asyncio TCP socket, same run.
 
     python benchmarks/stream.py [--size-mib 64] [--repeats 5] [--smoke]
                                 [--out benchmarks/results/stream.json]
 
 One asyncio process holds two `SwarmDHT` hosts (each with its own p2pd on 127.0.0.1, ephemeral
-identities) and a raw TCP server. Every transfer is timed from opening the stream (or the TCP
-connection) to the receiver's small reply, which it sends once the whole tensor has arrived:
+identities), the receiver's data port (an `AllReduceServer` with a `DirectEndpoint`, as on a peer)
+and a raw TCP server. Every transfer is timed from opening the stream (or the TCP connection) to
+the receiver's small reply, which it sends once the whole tensor has arrived:
 
-- `swarmnet`: `PeerDialer.open`, a `BenchRequest` message with the `TensorHeader`, `send_tensor`
-  (1 MiB CHUNK frames); the receiver reads it with `receive_message` + `receive_tensor`;
-- `swarmnet_fp16`: the same with `compression="fp16"` (half the bytes on the wire, the cast on
-  both sides included); reported as effective tensor MB/s (the float32 size over the time);
+- `direct`: `PeerDialer.open` with the receiver's data address, as a trainer calls a peer: a
+  stream over an authenticated direct TCP connection (the first one does the handshake, later
+  ones reuse the pooled connection), a `BenchRequest` message with the `TensorHeader`,
+  `send_tensor` (4 MiB CHUNK frames from the tensor's memory); the receiver reads it with
+  `receive_message` + `receive_tensor` (straight into the tensor's buffer);
+- `direct_int8`: the same with `compression="int8"` (blockwise 8-bit: 0.27x the bytes, the
+  quantization on both sides included); reported as effective tensor MB/s (float32 size / time);
+- `p2p`: the same call as a libp2p stream through both p2pds (1 MiB frames), the NAT fallback;
+- `p2p_fp16`: that with `compression="fp16"`;
 - `tcp`: `asyncio.open_connection`, `writer.write` of 4 MiB memoryview slices + `drain`, the
   receiver's `reader.readexactly` of the whole size, a 1-byte reply. No framing, no encryption.
 
@@ -34,13 +41,16 @@ from pathlib import Path
 
 import torch
 
+from swarmnet.averaging.allreduce import AllReduceServer
 from swarmnet.dht.identity import Identity
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.protocols.dial import PeerDialer
+from swarmnet.protocols.direct import DirectEndpoint
 from swarmnet.protocols.framing import FramedStream, TensorHeader, header_for, serve_stream
 
 PROTOCOL = "/swarmnet/bench-stream/1"
-METHODS = ("swarmnet", "swarmnet_fp16", "tcp")
+METHODS = ("direct", "direct_int8", "p2p", "p2p_fp16", "tcp")
+COMPRESSION = {"direct": "none", "direct_int8": "int8", "p2p": "none", "p2p_fp16": "fp16"}
 TCP_SLICE_BYTES = 4 * 1024 * 1024
 TRANSFER_TIMEOUT = 120.0
 
@@ -63,14 +73,13 @@ class Receiver:
 
     async def handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = FramedStream(reader, writer, peer=str(info.peer_id))
+        await serve_stream(stream, lambda: self.serve(stream.peer, stream), what="bench-stream")
 
-        async def serve() -> None:
-            request = await stream.receive_message(BenchRequest)
-            tensor = await stream.receive_tensor(request.tensor, self.max_bytes)
-            await stream.send_message(BenchReply(received_bytes=request.tensor.nbytes))
-            del tensor
-
-        await serve_stream(stream, serve, what="bench-stream")
+    async def serve(self, client: str, stream: FramedStream) -> None:
+        request = await stream.receive_message(BenchRequest)
+        tensor = await stream.receive_tensor(request.tensor, self.max_bytes)
+        await stream.send_message(BenchReply(received_bytes=request.tensor.nbytes))
+        del tensor
 
 
 async def send_swarmnet(dialer: PeerDialer, tensor: torch.Tensor, compression: str) -> int:
@@ -80,6 +89,7 @@ async def send_swarmnet(dialer: PeerDialer, tensor: torch.Tensor, compression: s
         await stream.send_message(BenchRequest(tensor=header))
         await stream.send_tensor(tensor, header)
         reply = await stream.receive_message(BenchReply)
+        stream.completed()
     finally:
         await stream.close()
     assert reply.received_bytes == header.nbytes, (reply, header.nbytes)
@@ -119,7 +129,7 @@ async def run(size_bytes: int, repeats: int) -> dict:
     raw = memoryview(tensor.numpy()).cast("B")
     identities = [Identity.ephemeral(), Identity.ephemeral()]
     hosts: list[SwarmDHT] = []
-    tcp = None
+    tcp = data_port = None
     try:
         started = time.perf_counter()
         receiver = await SwarmDHT.create(identity=identities[0], host="127.0.0.1")
@@ -128,15 +138,24 @@ async def run(size_bytes: int, repeats: int) -> dict:
         sender = await SwarmDHT.create(identity=identities[1], initial_peers=maddrs, host="127.0.0.1")
         hosts.append(sender)
         setup_s = time.perf_counter() - started
-        await receiver.p2p.add_binary_stream_handler(PROTOCOL, Receiver(size_bytes).handle)
-        dialer = PeerDialer(sender.p2p, receiver.peer_id, maddrs)
+        bench = Receiver(size_bytes)
+        await receiver.p2p.add_binary_stream_handler(PROTOCOL, bench.handle)
+        data_port = await AllReduceServer.create()
+        data_port.direct = DirectEndpoint(identities[0])
+        data_port.direct.add(PROTOCOL, FramedStream, bench.serve, what="bench-stream")
+        dialers = {
+            "direct": PeerDialer(
+                sender.p2p, receiver.peer_id, maddrs, data_addr=f"127.0.0.1:{data_port.port}", direct=sender.direct
+            ),
+            "p2p": PeerDialer(sender.p2p, receiver.peer_id, maddrs),
+        }
         tcp = await serve_tcp(size_bytes)
         port = tcp.sockets[0].getsockname()[1]
 
         async def transfer(method: str) -> int:
             if method == "tcp":
                 return await send_tcp(port, raw)
-            return await send_swarmnet(dialer, tensor, "fp16" if method == "swarmnet_fp16" else "none")
+            return await send_swarmnet(dialers[method.split("_")[0]], tensor, COMPRESSION[method])
 
         times: dict[str, list[float]] = {m: [] for m in METHODS}
         wire: dict[str, int] = {}
@@ -154,6 +173,8 @@ async def run(size_bytes: int, repeats: int) -> dict:
         if tcp is not None:
             tcp.close()
             await tcp.wait_closed()
+        if data_port is not None:
+            await data_port.close()
         for host in reversed(hosts):
             with contextlib.suppress(Exception):
                 await host.shutdown()
@@ -191,11 +212,10 @@ def main() -> None:
         "repeats": args.repeats,
         "warm_up": "one repetition of every method, excluded from the medians",
         "tcp_mb_s": round(mb_s["tcp"], 1),
-        "swarmnet_mb_s": round(mb_s["swarmnet"], 1),
-        "swarmnet_fp16_mb_s": round(mb_s["swarmnet_fp16"], 1),
-        "ratio": round(mb_s["swarmnet"] / mb_s["tcp"], 3),
-        "ratio_fp16": round(mb_s["swarmnet_fp16"] / mb_s["tcp"], 3),
-        "note": "MB = 10^6 bytes of the float32 tensor per second; fp16 sends half of them (effective rate)",
+        **{f"{m}_mb_s": round(mb_s[m], 1) for m in METHODS if m != "tcp"},
+        "ratio": round(mb_s["direct"] / mb_s["tcp"], 3),
+        **{f"ratio_{m}": round(mb_s[m] / mb_s["tcp"], 3) for m in METHODS if m not in ("tcp", "direct")},
+        "note": "MB = 10^6 bytes of the float32 tensor per second; int8/fp16 send fewer (effective rate)",
         "goal_ratio": 0.8,
         "median_s": {m: round(medians[m], 4) for m in METHODS},
         "wire_payload_bytes": report["wire_bytes"],

@@ -74,10 +74,11 @@ def test_stream_benchmark_smoke(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     keys = {
-        "benchmark", "smoke", "size_mb", "tcp_mb_s", "swarmnet_mb_s", "swarmnet_fp16_mb_s", "ratio",
-        "ratio_fp16", "repeats", "median_s", "per_repeat_s (first is warm-up)",
+        "benchmark", "smoke", "size_mb", "tcp_mb_s", "direct_mb_s", "direct_int8_mb_s", "p2p_mb_s", "p2p_fp16_mb_s",
+        "ratio", "ratio_direct_int8", "ratio_p2p", "ratio_p2p_fp16", "repeats", "median_s",
+        "per_repeat_s (first is warm-up)",
     }
     assert keys <= result.keys(), keys - result.keys()
     assert result["benchmark"] == "stream" and result["smoke"] and result["repeats"] == 2
-    for name in ("tcp_mb_s", "swarmnet_mb_s", "swarmnet_fp16_mb_s", "ratio", "ratio_fp16"):
+    for name in ("tcp_mb_s", "direct_mb_s", "direct_int8_mb_s", "p2p_mb_s", "ratio", "ratio_p2p"):
         assert math.isfinite(result[name]) and result[name] > 0, (name, result)
