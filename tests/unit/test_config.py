@@ -317,3 +317,16 @@ def test_load_profile_nested_table(tmp_path):
 def test_load_profile_rejects_bad_overrides(overrides):
     with pytest.raises(ConfigError):
         load_profile(PeerConfig, None, **overrides)
+
+
+def test_network_table_defaults_keep_the_run_id_and_values_are_checked():
+    from swarmnet.config import ConfigError, NetworkConfig
+
+    plain = RunManifest(name="n")
+    assert "network" not in plain.to_dict()  # defaults are left out: older runs keep their ids
+    int8 = RunManifest(name="n", network=NetworkConfig(compression="int8"))
+    assert int8.run_id != plain.run_id and RunManifest.from_dict(int8.to_dict()) == int8
+    with pytest.raises(ConfigError, match="compression"):
+        NetworkConfig(compression="zstd")
+    with pytest.raises(ConfigError):
+        NetworkConfig(auto_int8_below_mbps=500.0, auto_fp16_below_mbps=100.0)
