@@ -1,4 +1,6 @@
-"""Frames and chunked tensors over one libp2p stream (hivemind's binary stream handlers).
+"""Frames and chunked tensors over one byte stream: a libp2p stream through p2pd (hivemind's
+binary stream handlers, `StreamIO`) or a direct TCP connection of the data plane (`SocketIO`, see
+`direct.py`). The frames are the same on both.
 
 A frame is `type (1 byte) | length (4 bytes, big-endian) | payload`:
 
@@ -9,7 +11,7 @@ A frame is `type (1 byte) | length (4 bytes, big-endian) | payload`:
 
 A message that announces tensors carries a `TensorHeader` per tensor; the receiver checks each header
 against what it expects *before* reading any chunk, so an oversized or mistyped tensor is refused
-without being buffered.
+without being buffered. How a tensor's bytes are encoded (none, fp16, int8) is `compression.py`'s.
 """
 
 from __future__ import annotations
