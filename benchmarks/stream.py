@@ -15,7 +15,7 @@ the receiver's small reply, which it sends once the whole tensor has arrived:
   ones reuse the pooled connection), a `BenchRequest` message with the `TensorHeader`,
   `send_tensor` (4 MiB CHUNK frames from the tensor's memory); the receiver reads it with
   `receive_message` + `receive_tensor` (straight into the tensor's buffer);
-- `direct_int8`: the same with `compression="int8"` (blockwise 8-bit: 0.27x the bytes, the
+- `direct_int8`: the same with `compression="int8"` (blockwise 8-bit: 0.254x the bytes, the
   quantization on both sides included); reported as effective tensor MB/s (float32 size / time);
 - `p2p`: the same call as a libp2p stream through both p2pds (1 MiB frames), the NAT fallback;
 - `p2p_fp16`: that with `compression="fp16"`;

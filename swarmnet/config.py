@@ -185,7 +185,7 @@ class NetworkConfig:
 
     compression: str = "none"
     """Encoding of activations and their gradients between pipeline stages: `none`, `fp16`,
-    `int8` (blockwise 8-bit, about 0.27x the bytes of float32), or `auto`: per link, from the
+    `int8` (blockwise 8-bit, about 0.254x the bytes of float32), or `auto`: per link, from the
     bandwidth measured on it (`none` on fast links, `fp16`, then `int8` on slow ones)."""
     auto_fp16_below_mbps: float = 2000.0
     """auto: links measured slower than this (Mbit/s) send fp16."""
