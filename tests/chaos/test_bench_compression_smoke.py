@@ -1,4 +1,4 @@
-"""The compression benchmark runs end to end (`--smoke`: a 4 MiB tensor, 2 repetitions, 5 training
+"""The compression benchmark runs end to end (`--smoke`: a 4 MiB tensor, 2 repetitions, 2 training
 steps per encoding) and writes its result. Only the shape of the result is checked: speed is never
 asserted in tests, and neither is a loss difference."""
 
@@ -48,14 +48,14 @@ def test_compression_benchmark_smoke(tmp_path):
     assert 0.25 < methods["int8"]["wire_ratio"] < 0.26
 
     loss = result["loss"]
-    assert loss["steps"] == 5 and loss["hops_per_tensor"] == 2 and loss["none_matches_local_trainer"]
+    assert loss["steps"] == 2 and loss["hops_per_tensor"] == 2 and loss["none_matches_local_trainer"]
     assert set(loss["runs"]) == set(ENCODINGS)
     for name in ENCODINGS:
         run = loss["runs"][name]
         for key in ("initial_loss", "final_loss", "final_loss_relative_difference"):
             assert math.isfinite(run[key]), (name, key, run)
         assert math.isfinite(run["max_step_loss_difference"]), (name, run)
-        assert len(loss["loss_per_step"][name]) == 5
+        assert len(loss["loss_per_step"][name]) == 2
     assert loss["runs"]["none"]["final_loss_relative_difference"] == 0.0
     assert loss["runs"]["none"]["activation_relative_rms_error"] == 0.0
     none_bytes = loss["runs"]["none"]["inter_stage_wire_bytes_per_microbatch"]
