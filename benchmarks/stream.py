@@ -21,6 +21,10 @@ the receiver's small reply, which it sends once the whole tensor has arrived:
 - `p2p_fp16`: that with `compression="fp16"`;
 - `tcp`: `asyncio.open_connection`, `writer.write` of 4 MiB memoryview slices + `drain`, the
   receiver's `reader.readexactly` of the whole size, a 1-byte reply. No framing, no encryption.
+  The goal's baseline ("plain asyncio TCP"); the ratios are against it;
+- `tcp_sock`: a stricter baseline, the same bytes with asyncio's socket calls
+  (`loop.sock_sendall` of the whole tensor, `loop.sock_recv_into` straight into a fresh buffer): what the direct data plane does, minus framing, handshake and headers
+  (`ratio_direct_to_tcp_sock`).
 
 One warm-up repetition (the first also connects the two hosts), then the median of `--repeats`,
 methods in a rotating order. MB = 10^6 bytes. `--smoke`: a 4 MiB tensor, 2 repetitions.
@@ -34,6 +38,7 @@ import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -49,7 +54,7 @@ from swarmnet.protocols.direct import DirectEndpoint
 from swarmnet.protocols.framing import FramedStream, TensorHeader, header_for, serve_stream
 
 PROTOCOL = "/swarmnet/bench-stream/1"
-METHODS = ("direct", "direct_int8", "p2p", "p2p_fp16", "tcp")
+METHODS = ("direct", "direct_int8", "p2p", "p2p_fp16", "tcp", "tcp_sock")
 COMPRESSION = {"direct": "none", "direct_int8": "int8", "p2p": "none", "p2p_fp16": "fp16"}
 TCP_SLICE_BYTES = 4 * 1024 * 1024
 TRANSFER_TIMEOUT = 120.0
@@ -96,6 +101,41 @@ async def send_swarmnet(dialer: PeerDialer, tensor: torch.Tensor, compression: s
     return reply.received_bytes
 
 
+async def serve_sock(total: int) -> socket.socket:
+    """The lowest-level asyncio baseline: one non-blocking socket per transfer, the whole tensor
+    received with `loop.sock_recv_into` straight into a fresh buffer (as a received tensor is),
+    a 1-byte reply."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+
+    async def accept() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            buffer = memoryview(bytearray(total))
+            with conn:
+                got = 0
+                while got < total:
+                    count = await loop.sock_recv_into(conn, buffer[got:])
+                    if not count:
+                        break
+                    got += count
+                await loop.sock_sendall(conn, b"\x01")
+
+    return listener, asyncio.create_task(accept())
+
+
+async def send_sock(port: int, data: memoryview) -> int:
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, data)
+        assert await loop.sock_recv(sock, 1) == b"\x01"
+    return len(data)
+
+
 async def serve_tcp(total: int):
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -129,7 +169,7 @@ async def run(size_bytes: int, repeats: int) -> dict:
     raw = memoryview(tensor.numpy()).cast("B")
     identities = [Identity.ephemeral(), Identity.ephemeral()]
     hosts: list[SwarmDHT] = []
-    tcp = data_port = None
+    tcp = data_port = sock_task = sock_listener = None
     try:
         started = time.perf_counter()
         receiver = await SwarmDHT.create(identity=identities[0], host="127.0.0.1")
@@ -151,8 +191,12 @@ async def run(size_bytes: int, repeats: int) -> dict:
         }
         tcp = await serve_tcp(size_bytes)
         port = tcp.sockets[0].getsockname()[1]
+        sock_listener, sock_task = await serve_sock(size_bytes)
+        sock_port = sock_listener.getsockname()[1]
 
         async def transfer(method: str) -> int:
+            if method == "tcp_sock":
+                return await send_sock(sock_port, raw)
             if method == "tcp":
                 return await send_tcp(port, raw)
             return await send_swarmnet(dialers[method.split("_")[0]], tensor, COMPRESSION[method])
@@ -175,6 +219,11 @@ async def run(size_bytes: int, repeats: int) -> dict:
             await tcp.wait_closed()
         if data_port is not None:
             await data_port.close()
+        if sock_task is not None:
+            sock_task.cancel()
+            await asyncio.wait([sock_task])
+        if sock_listener is not None:
+            sock_listener.close()
         for host in reversed(hosts):
             with contextlib.suppress(Exception):
                 await host.shutdown()
@@ -215,6 +264,7 @@ def main() -> None:
         **{f"{m}_mb_s": round(mb_s[m], 1) for m in METHODS if m != "tcp"},
         "ratio": round(mb_s["direct"] / mb_s["tcp"], 3),
         **{f"ratio_{m}": round(mb_s[m] / mb_s["tcp"], 3) for m in METHODS if m not in ("tcp", "direct")},
+        "ratio_direct_to_tcp_sock": round(mb_s["direct"] / mb_s["tcp_sock"], 3),
         "note": "MB = 10^6 bytes of the float32 tensor per second; int8/fp16 send fewer (effective rate)",
         "goal_ratio": 0.8,
         "median_s": {m: round(medians[m], 4) for m in METHODS},

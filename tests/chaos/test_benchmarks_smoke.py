@@ -75,7 +75,8 @@ def test_stream_benchmark_smoke(tmp_path):
     result = json.loads(out.read_text())
     keys = {
         "benchmark", "smoke", "size_mb", "tcp_mb_s", "direct_mb_s", "direct_int8_mb_s", "p2p_mb_s", "p2p_fp16_mb_s",
-        "ratio", "ratio_direct_int8", "ratio_p2p", "ratio_p2p_fp16", "repeats", "median_s",
+        "ratio", "ratio_direct_int8", "ratio_p2p", "ratio_p2p_fp16", "tcp_sock_mb_s", "ratio_direct_to_tcp_sock",
+        "repeats", "median_s",
         "per_repeat_s (first is warm-up)",
     }
     assert keys <= result.keys(), keys - result.keys()
