@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -39,6 +40,17 @@ class ComputeExecutor:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
             self.pending -= 1
+
+    async def run_timed(self, fn: Callable[..., T], *args) -> tuple[T, float]:
+        """`run`, also returning the seconds `fn` took on the compute thread: its cost, without
+        the wait behind queued calls (which measures load, not capacity)."""
+
+        def timed() -> tuple[T, float]:
+            start = time.perf_counter()
+            result = fn(*args)
+            return result, time.perf_counter() - start
+
+        return await self.run(timed)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -125,15 +125,14 @@ class StageServing:
     async def _forward(
         self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
     ) -> ForwardResult:
-        start = time.perf_counter()
         if targets is not None:
             _check_tokens(targets, self.manifest.model.vocab_size, "targets")
-            result = await self.executor.run(self.computer.loss_backward, x, targets)
-            self._observe("loss_backward", len(x), start, stepped=result.stepped)
+            result, seconds = await self.executor.run_timed(self.computer.loss_backward, x, targets)
+            self._observe("loss_backward", len(x), seconds, stepped=result.stepped)
             self._backward_done()
             return ForwardResult(output=None, grad_input=result.grad_input, loss=result.loss, step=self.computer.step)
-        output, trace = await self.executor.run(self.computer.forward_traced, x)
-        self._observe("forward", len(x), start, stepped=False)
+        (output, trace), seconds = await self.executor.run_timed(self.computer.forward_traced, x)
+        self._observe("forward", len(x), seconds, stepped=False)
         self.cache.put((client, request.microbatch_id), (x, trace))
         return ForwardResult(output=output, grad_input=None, loss=None, step=self.computer.step)
 
@@ -148,15 +147,14 @@ class StageServing:
         x, trace = cached
         if len(x) != len(grad_output):
             raise BadRequestError("grad_output batch size differs from the forward's input")
-        start = time.perf_counter()
         self.in_flight += 1
         try:
-            result = await self.executor.run(self.computer.backward, x, grad_output, trace)
+            result, seconds = await self.executor.run_timed(self.computer.backward, x, grad_output, trace)
         finally:
             self.in_flight -= 1
             self.last_call = time.monotonic()
         self.cache.pop(key)  # only now: a busy peer keeps the input for the retry
-        self._observe("backward", len(x), start, stepped=result.stepped)
+        self._observe("backward", len(x), seconds, stepped=result.stepped)
         self._backward_done()
         return result.grad_input, self.computer.step
 
@@ -172,8 +170,10 @@ class StageServing:
         else:
             _check_finite(x, what)
 
-    def _observe(self, kind: str, samples: int, start: float, *, stepped: bool) -> None:
-        seconds = time.perf_counter() - start
+    def _observe(self, kind: str, samples: int, seconds: float, *, stepped: bool) -> None:
+        """Counts one call; `seconds` is its compute time on the compute thread, so the announced
+        throughput is the peer's capacity, the same quantity its start-up probe measured (time
+        spent queued behind other calls would make a busy peer look slow and a fresh one fast)."""
         self.meter.record(kind, samples, seconds)
         metrics.STAGE_COMPUTE_SECONDS.labels(kind=kind).observe(seconds)
         metrics.STAGE_SAMPLES.labels(kind=kind).inc(samples)

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 SYNC_ATTEMPTS = 5
 
 
-@dataclass(frozen=True)
+@dataclass
 class PeerContext:
     """What outlives a stage: the DHT host, the run, the data plane, the local config."""
 
@@ -62,6 +62,8 @@ class PeerContext:
     allreduce: AllReduceServer
     metrics_addr: str | None
     launched: float
+    moved_at: float | None = None
+    """When (monotonic) this peer last moved to another stage."""
 
 
 async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int | None:
@@ -268,6 +270,7 @@ async def serve_stage(ctx: PeerContext, stage: int, stop: asyncio.Event) -> int 
                 task.cancel()
         await checkpoints.save_now()
         if target:
+            ctx.moved_at = time.monotonic()
             logger.info("moving from stage %d to stage %d", stage, target[0])
             events.emit("moving", role="peer", peer_id=dht.peer_id, stage=stage, to=target[0])
         return target[0] if target else None
@@ -367,10 +370,18 @@ async def _heartbeat(dht: SwarmDHT, key: str, make_record, config: PeerConfig) -
             logger.warning("could not refresh the stage record: %s", e)
 
 
+MOVE_COOLDOWN_PERIODS = 3.0
+"""A peer that moved does not move again for this many rebalancing periods: its new stage's
+figures (its own probe against mates' serving averages, a mover still in transit elsewhere) need
+that long to settle, and without the pause two stages can trade the same peer back and forth."""
+
+
 async def _rebalance(ctx: PeerContext, stage: int, move: asyncio.Event, target: list[int]) -> None:
     rng = random.Random()
     while True:
         await asyncio.sleep(move_delay(rng, ctx.config.rebalance_period))
+        if ctx.moved_at is not None and time.monotonic() - ctx.moved_at < MOVE_COOLDOWN_PERIODS * ctx.config.rebalance_period:
+            continue
         try:
             snapshot = await read_swarm(ctx.dht, ctx.manifest)
         except Exception as e:  # noqa: BLE001 - rebalancing is best effort
