@@ -238,6 +238,14 @@ def test_flipping_a_byte_of_the_body_breaks_the_signature(blob):
         decode_record(blob.replace(b"cpu", b"cpv"))
 
 
+def test_verified_records_are_remembered_and_tampered_copies_still_refused(blob):
+    first = decode_record(blob)
+    assert decode_record(bytearray(blob)) is first  # the same bytes: no second signature check
+    with pytest.raises(RecordError, match="signature"):
+        decode_record(blob.replace(b"cpu", b"cpv"))
+    assert decode_record(blob) is first
+
+
 def test_flipping_a_byte_of_the_signature_breaks_it(blob):
     with pytest.raises(RecordError, match="signature"):
         decode_record(blob[:-1] + bytes([blob[-1] ^ 0x01]))
