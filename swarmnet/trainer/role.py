@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -63,11 +64,18 @@ async def run_swarm_training(
             except Exception as e:  # progress records are best effort; training goes on
                 logger.debug("could not publish the trainer record: %s", e)
 
+        stepped = asyncio.Event()
+
         async def heartbeat() -> None:
-            """Keeps the record alive between steps (a step may take longer than its TTL)."""
+            """Publishes the record after every step and keeps it alive between steps (a step may
+            take longer than its TTL), off the step loop: a DHT store costs a few round trips, which
+            across a WAN would add a tenth of a second to every step."""
             while True:
+                stepped.clear()
                 await publish()
-                await asyncio.sleep(TRAINER_RECORD_TTL / 3)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TRAINER_RECORD_TTL / 3):
+                        await stepped.wait()
 
         async def report(step: StepReport) -> None:
             nonlocal latest
@@ -77,11 +85,13 @@ async def run_swarm_training(
                 step=step.step, loss=step.loss if step.samples else latest.loss, samples_per_s=step.samples_per_s,
                 metrics_addr=metrics_addr,
             )
-            await publish()
+            stepped.set()
 
         beating = asyncio.create_task(heartbeat(), name="trainer-record")
         try:
-            return await trainer.train(stop=stop, on_step=report)
+            summary = await trainer.train(stop=stop, on_step=report)
+            await publish()  # the last step, before the heartbeat goes
+            return summary
         finally:
             beating.cancel()
             await directory.close()
