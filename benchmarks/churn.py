@@ -54,33 +54,18 @@ from pathlib import Path
 from typing import Any
 
 from swarmnet.config import (
-    DataConfig,
-    ModelConfig,
-    OptimizerConfig,
     RunManifest,
-    TrainingConfig,
     load_manifest,
 )
 from swarmnet.testing import chaos
 from swarmnet.testing.processes import ManagedProcess, cpu_seconds
-from swarmnet.testing.swarm import LocalSwarm
+from swarmnet.testing.swarm import LocalSwarm, tiny_manifest
 
 TRAINER_MARGIN_S = 1.0
 """The trainer runs this much past both phases: the churn window starts at the first kill, a few ms
 after the end of phase 1 on the trainer's clock, and must be covered to its end."""
 FIRST_STEP_TIMEOUT = 300.0
 SUMMARY_TIMEOUT = 300.0
-
-
-def smoke_manifest() -> RunManifest:
-    """A run small enough for a 2-core CI machine: a few ms per microbatch."""
-    return RunManifest(
-        name="churn-smoke",
-        model=ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32),
-        optimizer=OptimizerConfig(lr=3e-3),
-        data=DataConfig(max_bytes=400_000),
-        training=TrainingConfig(num_stages=2, microbatch_size=4, seq_len=32, target_batch_size=16, seed=1),
-    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -153,7 +138,7 @@ def busy_cores(before: tuple[float, float], after: tuple[float, float]) -> float
 def main() -> None:
     args = parse_args()
     if args.smoke:
-        manifest = smoke_manifest()
+        manifest = tiny_manifest("churn-smoke")
     else:
         manifest = load_manifest(args.run) if args.run else RunManifest(name="demo")
     if args.stages is not None:

@@ -50,16 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from swarmnet.config import (
-    DataConfig,
-    ModelConfig,
-    OptimizerConfig,
     PeerConfig,
     RunManifest,
-    TrainingConfig,
     load_manifest,
 )
 from swarmnet.testing.processes import ManagedProcess
-from swarmnet.testing.swarm import LocalSwarm
+from swarmnet.testing.swarm import LocalSwarm, tiny_manifest
 
 GOAL_RATIO = 0.9
 GOAL_PERIODS = 3
@@ -67,17 +63,6 @@ FIRST_STEP_TIMEOUT = 300.0
 SLIDE_S = 0.25
 """Resolution of the sliding one-period windows."""
 DRAINED = re.compile(r"stage (\d+): drained in ([0-9.]+) s")
-
-
-def smoke_manifest() -> RunManifest:
-    """A run small enough for a 2-core CI machine: a few ms per microbatch."""
-    return RunManifest(
-        name="rebalance-smoke",
-        model=ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32),
-        optimizer=OptimizerConfig(lr=3e-3),
-        data=DataConfig(max_bytes=400_000),
-        training=TrainingConfig(num_stages=2, microbatch_size=4, seq_len=32, target_batch_size=16, seed=1),
-    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -339,7 +324,7 @@ def summarize(phase_b: dict[str, Any], baseline: float, args: argparse.Namespace
 
 def main() -> None:
     args = parse_args()
-    manifest = smoke_manifest() if args.smoke else load_manifest(args.run) if args.run else RunManifest(name="demo")
+    manifest = tiny_manifest("rebalance-smoke") if args.smoke else load_manifest(args.run) if args.run else RunManifest(name="demo")
     if args.stages is not None:
         manifest = dataclasses.replace(manifest, training=dataclasses.replace(manifest.training, num_stages=args.stages))
     num_stages = manifest.training.num_stages

@@ -57,18 +57,14 @@ from typing import Any
 
 from swarmnet import config as swarm_config
 from swarmnet.config import (
-    DataConfig,
-    ModelConfig,
-    OptimizerConfig,
     RunManifest,
-    TrainingConfig,
     load_manifest,
 )
 from swarmnet.errors import ConfigError
 from swarmnet.testing import chaos
 from swarmnet.testing import wan as wan_kit
 from swarmnet.testing.processes import ManagedProcess, ProcessFailed
-from swarmnet.testing.swarm import STARTUP_TIMEOUT, LocalSwarm
+from swarmnet.testing.swarm import STARTUP_TIMEOUT, LocalSwarm, tiny_manifest
 
 UNAVAILABLE_EXIT = 3
 """Exit status when the machine cannot emulate a WAN (the smoke test skips on it)."""
@@ -84,17 +80,6 @@ for url in sys.stdin:
         body = ""
     print(json.dumps(body), flush=True)
 """
-
-
-def smoke_manifest() -> RunManifest:
-    """A run small enough for a 2-core CI machine: a few ms per microbatch."""
-    return RunManifest(
-        name="wan-smoke",
-        model=ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32),
-        optimizer=OptimizerConfig(lr=3e-3),
-        data=DataConfig(max_bytes=400_000),
-        training=TrainingConfig(num_stages=2, microbatch_size=4, seq_len=32, target_batch_size=16, seed=1),
-    )
 
 
 def with_compression(manifest: RunManifest, compression: str) -> RunManifest:
@@ -382,7 +367,7 @@ def main() -> None:
     if reason is not None:
         print(f"cannot emulate a WAN here: {reason}", file=sys.stderr)
         sys.exit(UNAVAILABLE_EXIT)
-    base = smoke_manifest() if args.smoke else load_manifest(args.run)
+    base = tiny_manifest("wan-smoke") if args.smoke else load_manifest(args.run)
     link = wan_kit.LinkSpec()
     started = time.monotonic()
     result: dict[str, Any] = {

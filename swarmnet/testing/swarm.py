@@ -13,11 +13,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from swarmnet.config import RunManifest
+from swarmnet.config import DataConfig, ModelConfig, OptimizerConfig, RunManifest, TrainingConfig
 from swarmnet.testing.processes import ManagedProcess, child_env, swarmnet_command
 from swarmnet.testing.toml import dump_toml
 
 STARTUP_TIMEOUT = 90.0
+
+
+def tiny_manifest(name: str = "tiny", **training) -> RunManifest:
+    """A run small enough for a 2-core CI machine: a few ms per microbatch."""
+    return RunManifest(
+        name=name,
+        model=ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32),
+        optimizer=OptimizerConfig(lr=3e-3),
+        data=DataConfig(max_bytes=400_000),
+        training=TrainingConfig(
+            **{"num_stages": 2, "microbatch_size": 4, "seq_len": 32, "target_batch_size": 16, "seed": 1, **training}
+        ),
+    )
 
 
 class LocalSwarm:
