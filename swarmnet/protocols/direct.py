@@ -212,7 +212,10 @@ class DirectClient:
 
     def usable(self, address: str) -> bool:
         until = self._unreachable.get(address)
-        return until is None or time.monotonic() >= until
+        if until is not None and time.monotonic() >= until:
+            del self._unreachable[address]  # expired: forget it, so the map holds only recent failures
+            until = None
+        return until is None
 
     async def open(
         self, address: str, server: str, protocol: str, stream_cls: type[FramedStream]
