@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import tomllib
 import types
 import typing
@@ -171,12 +172,35 @@ class AveragingConfig:
     """Seconds an all-reduce round may take before every member drops it."""
     join_grace: float = 5.0
     """Seconds a ready stage waits for a joining or lagging stage-mate before stepping without it."""
+    # The fields below are left out of the run id while they hold their defaults, so that adding
+    # them kept existing runs' ids (`omit_if_default`).
+    aggregation: str = field(default="mean", metadata={"omit_if_default": True})
+    """How the owner of a part combines the members' contributions in a round: `mean` (their sum,
+    weighted by samples; one lying peer can move it anywhere) or `centered_clip` (centered clipping,
+    robust to a minority of Byzantine peers; see `swarmnet.averaging.robust`)."""
+    clip_multiplier: float = field(default=2.0, metadata={"omit_if_default": True})
+    """centered_clip: the clipping radius is this × the median distance of the contributions (per
+    part, as means over their samples) to their coordinate-wise median."""
+    clip_iterations: int = field(default=3, metadata={"omit_if_default": True})
+    """centered_clip: most clipping iterations per round."""
+    outlier_ratio: float = field(default=3.0, metadata={"omit_if_default": True})
+    """centered_clip: a contribution farther than this × the clipping radius from the result is an
+    outlier (counted in `swarmnet_averaging_outliers_total`)."""
+    ban_after: int = field(default=3, metadata={"omit_if_default": True})
+    """centered_clip: a member that is an outlier in this many consecutive rounds is banned by the
+    peers that caught it: they give its contributions no weight from then on (0: never ban)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("gradient", "diloco"):
             raise ConfigError(f"averaging.mode must be 'gradient' or 'diloco', not {self.mode!r}")
         if self.outer_every < 1 or self.round_timeout <= 0 or self.join_grace < 0:
             raise ConfigError("averaging.outer_every >= 1, round_timeout > 0 and join_grace >= 0 are required")
+        if self.aggregation not in ("mean", "centered_clip"):
+            raise ConfigError(f"averaging.aggregation must be mean or centered_clip, not {self.aggregation}")
+        if not (self.clip_multiplier > 0 and self.outlier_ratio > 0):
+            raise ConfigError("averaging.clip_multiplier and averaging.outlier_ratio must be positive")
+        if self.clip_iterations < 1 or self.ban_after < 0:
+            raise ConfigError("averaging.clip_iterations >= 1 and averaging.ban_after >= 0 are required")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +223,37 @@ class NetworkConfig:
             raise ConfigError("network needs 0 < auto_int8_below_mbps <= auto_fp16_below_mbps")
 
 
+_PEER_ID = re.compile(r"12D3KooW[1-9A-HJ-NP-Za-km-z]{44}")
+"""An Ed25519 libp2p peer id (the only kind swarmnet identities have), as `swarmnet identity` prints."""
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccessConfig:
+    """Who may take part in the run (`[access]`). Empty: a public run. With an allowlist or a join
+    token the run is private: every peer refuses calls and ignores DHT records from processes that
+    are neither listed nor hold a credential derived from the token (see docs/protocols.md)."""
+
+    allowlist: tuple[str, ...] = ()
+    """Peer ids admitted without a token (kept sorted and unique, so order does not change the
+    run id). The coordinator adds its own id when it publishes a run with an allowlist."""
+    token_sha256: str = ""
+    """Hex sha256 of the join token. The token itself is never in the manifest (the manifest is
+    public in the DHT); its hash lets a joiner check its token at once, with a clear error."""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.allowlist if not isinstance(p, str) or not _PEER_ID.fullmatch(p)]
+        if bad:
+            raise ConfigError(f"access.allowlist: not Ed25519 peer ids (12D3KooW…): {bad[:3]}")
+        object.__setattr__(self, "allowlist", tuple(sorted(set(self.allowlist))))
+        if self.token_sha256 and not _SHA256_HEX.fullmatch(self.token_sha256):
+            raise ConfigError("access.token_sha256 must be 64 lowercase hex digits (sha256 of the join token)")
+
+    @property
+    def private(self) -> bool:
+        return bool(self.allowlist or self.token_sha256)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunManifest:
     """Everything the processes of one run agree on. Its content hash is the run id."""
@@ -212,6 +267,8 @@ class RunManifest:
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig, metadata={"omit_if_default": True})
     """Left out of the run id while it has its defaults, so adding it kept existing runs' ids."""
+    access: AccessConfig = field(default_factory=AccessConfig, metadata={"omit_if_default": True})
+    """Private runs only (left out of public runs' ids, like `network`)."""
 
     def __post_init__(self) -> None:
         if self.training.seq_len > self.model.max_seq_len:
@@ -257,6 +314,10 @@ class PeerConfig:
     """Seconds a cached microbatch input lives before it is dropped."""
     max_queue: int = 64
     """Most requests queued for compute before new ones are refused as overloaded."""
+    max_queue_per_client: int = 16
+    """Calls one client (a trainer, a stage peer calling experts) may have queued here at once;
+    more get a retryable busy error, so one flooding client cannot take the whole queue. The
+    compute queue also serves clients fairly (`swarmnet.peer.executor`)."""
     metrics_port: int | None = 0
     """Port of the Prometheus `/metrics` endpoint; 0 picks a free one, none disables it. The
     address is announced in the peer's DHT record, so the coordinator's service discovery finds it."""
@@ -339,6 +400,10 @@ class TrainerConfig:
     direct_data_plane: bool = True
     """Call stage peers over direct TCP where they announce a reachable data port (authenticated,
     not encrypted), else over libp2p streams through p2pd; off: libp2p only."""
+    audit_fraction: float = 0.0
+    """Share of forward calls sent to two replicas of their stage and compared, to catch peers
+    that lie about their results (`swarmnet.trainer.audit`; stages with one peer are never
+    audited). 0.02-0.1 is reasonable in an open run; 0 trusts every peer."""
     retry: RetryConfig = field(default_factory=RetryConfig)
 
 
@@ -363,13 +428,17 @@ def load_profile(cls: type, path: str | Path | None, **overrides: Any):
     return _from_plain(cls, data, str(path or cls.__name__))
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {
             f.name: _to_plain(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
             if not (getattr(obj, f.name) is None and f.metadata.get("omit_if_none"))
-            and not (f.metadata.get("omit_if_default") and getattr(obj, f.name) == f.default_factory())
+            and not (f.metadata.get("omit_if_default") and getattr(obj, f.name) == _default(f))
         }
     if isinstance(obj, (tuple, list)):
         return [_to_plain(v) for v in obj]

@@ -11,6 +11,8 @@
 - `ProtocolError`: a peer spoke the wire protocol wrongly (malformed frame, oversized message).
   The peer is at fault; avoid it. Retryable on another peer.
 - `ManifestError`: no verified manifest for this run. Not retryable without user action.
+- `AccessDeniedError`: the run is private and the caller is not admitted (not on its allowlist,
+  no valid join credential). The caller's fault; no retry on any peer can help.
 - `SwarmError`: the swarm cannot serve (no peers for a stage after all retries).
 """
 
@@ -100,6 +102,14 @@ class UnknownStateError(RemoteError):
     retryable = True
 
 
+class AccessDeniedError(RemoteError):
+    """A private run refused us: our peer id is not on its allowlist and we presented no valid
+    join credential (or we hold no valid token ourselves). Not retryable: every member refuses
+    the same way, so the process must stop with this message, not try other peers."""
+
+    code = "access_denied"
+
+
 class SwarmError(SwarmnetError):
     """The swarm could not serve a request after every permitted retry."""
 
@@ -117,6 +127,7 @@ _BY_CODE = {
         ProtocolError,
         UnknownStateError,
         StateSyncError,
+        AccessDeniedError,
     )
 }
 

@@ -8,7 +8,8 @@ Every member opens one connection to every other member and speaks on it, in thi
 1. `Hello{round_id, group, sender, numel, weight}`; the receiver answers `Welcome` or refuses
    with an error frame (unknown/closed round, other member list, wrong index, duplicate, size);
 2. its contribution to the receiver's part (raw float32 bytes, size implied by `numel`);
-3. the reduced part it owns, once it has summed everyone's contributions in member order;
+3. the reduced part it owns, once it has summed everyone's contributions in member order (or, with
+   `centered_clip`, aggregated them robustly: `robust.py`; the wire is the same);
 4. `Done{round_id, checksum}`: a sha256 over the size, the total weight and a CRC-32 of every part
    of the reduced tensor as this member holds it (see `PartDigest`).
 
@@ -36,13 +37,15 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 import torch
 
 from swarmnet.averaging.partition import part_bounds
+from swarmnet.averaging.robust import ClipOptions, centered_clip, sum_into
 from swarmnet.averaging.wire import (
     CHUNK_ELEMENTS,
     CLOSED_ROUNDS_REMEMBERED,
@@ -79,7 +82,7 @@ from swarmnet.telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AllReduceServer", "AveragingError", "Member", "all_reduce"]
+__all__ = ["AllReduceServer", "AveragingError", "Member", "RoundResult", "all_reduce", "all_reduce_round"]
 
 
 class _Stopped(Exception):
@@ -105,6 +108,8 @@ class _Round:
         flat: torch.Tensor,
         weight: float,
         out: torch.Tensor,
+        robust: ClipOptions | None = None,
+        ignore: frozenset[int] = frozenset(),
     ):
         loop = asyncio.get_running_loop()
         self.round_id, self.members, self.me, self.flat = round_id, members, my_index, flat
@@ -116,6 +121,9 @@ class _Round:
             (c, min(c + CHUNK_ELEMENTS, end - start)) for c in range(0, end - start, CHUNK_ELEMENTS)
         ]
         self.out = out
+        self.robust, self.ignore = robust, ignore
+        self.ratios: tuple[float, ...] = ()
+        """centered_clip: per member, how far its contribution to my part was from the result."""
         self.others = [j for j in range(self.n) if j != my_index]
         self.weights: list[float | None] = [None] * self.n
         self.weights[my_index] = weight
@@ -277,7 +285,8 @@ class _Round:
         return hasher.digest()
 
     async def _reduce(self) -> None:
-        self.digests[self.me] = await self._in_thread(self._reduce_data)
+        work = self._reduce_data if self.robust is None else self._reduce_robust
+        self.digests[self.me] = await self._in_thread(work)
         self.has_digest[self.me].set()
 
     def _reduce_data(self) -> bytes:  # worker thread
@@ -287,16 +296,33 @@ class _Round:
         for chunk_start, chunk_end in self.chunks:
             total = self.out[start + chunk_start : start + chunk_end]
             slots = {k: self._take(self.filled[k]) for k in self.others}
-            for k in range(self.n):
-                term = self.flat[start + chunk_start : start + chunk_end] if k == self.me else slots[k]
-                term = term[: chunk_end - chunk_start]
-                if k == 0:
-                    total.copy_(term)
-                else:
-                    total.add_(term)
+            mine = self.flat[start + chunk_start : start + chunk_end]
+            terms = [mine if k == self.me else slots[k][: chunk_end - chunk_start] for k in range(self.n)]
+            sum_into(total, terms)
             hasher.update(tensor_view(total))
             for k, slot in slots.items():
                 self.free[k].put(slot)
+        self.reduced.set()
+        return hasher.digest()
+
+    def _reduce_robust(self) -> bytes:  # worker thread
+        """Gathers part `me` of every member's tensor (n × the part's size), then aggregates it by
+        centered clipping: clipping needs each contribution's whole part, not one chunk of it."""
+        start, end = self.bounds[self.me]
+        parts = torch.empty(self.n, end - start, dtype=torch.float32)  # row k: member k's contribution
+        parts[self.me] = self.flat[start:end]
+        for chunk_start, chunk_end in self.chunks:
+            for k in self.others:
+                slot = self._take(self.filled[k])
+                parts[k, chunk_start:chunk_end] = slot[: chunk_end - chunk_start]
+                self.free[k].put(slot)
+        hasher = PartDigest()
+        if self.chunks:  # an empty part has nothing to aggregate (its weights may be unknown)
+            weights = [float(w) for w in self.weights]  # all set: every contribution arrived
+            result = centered_clip(parts, weights, options=self.robust, ignore=self.ignore)
+            self.out[start:end] = result.total
+            self.ratios = result.ratios
+            hasher.update(tensor_view(self.out[start:end]))
         self.reduced.set()
         return hasher.digest()
 
@@ -523,6 +549,19 @@ async def ping(host: str, port: int, timeout: float = 3.0) -> str | None:
         return f"error: {e}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class RoundResult:
+    """What one member holds after a completed round."""
+
+    total: torch.Tensor
+    """The sum (or, with centered clipping, `robust mean × total_weight`), identical on all members."""
+    total_weight: float
+    outliers: dict[str, float]
+    """centered_clip: the members whose contribution to the part *this* member owns was an outlier,
+    with its distance to the result in clipping radii (never this member itself). Each owner judges
+    only its part: other members may have found others."""
+
+
 async def all_reduce(
     server: AllReduceServer,
     *,
@@ -542,6 +581,30 @@ async def all_reduce(
     when given: reusing one spares a fresh allocation per round (on a failure its contents are
     unspecified).
     """
+    result = await all_reduce_round(
+        server, round_id=round_id, members=members, my_index=my_index, tensor=tensor, weight=weight,
+        timeout=timeout, out=out,
+    )
+    return result.total, result.total_weight
+
+
+async def all_reduce_round(
+    server: AllReduceServer,
+    *,
+    round_id: str,
+    members: Sequence[Member],
+    my_index: int,
+    tensor: torch.Tensor,
+    weight: float,
+    timeout: float,
+    out: torch.Tensor | None = None,
+    robust: ClipOptions | None = None,
+    ignore: Collection[str] = (),
+) -> RoundResult:
+    """`all_reduce`, optionally robust: with `robust`, each part owner aggregates its part by
+    centered clipping (every member of the round must pass the same options, as the run manifest
+    makes them), gives no weight to the members in `ignore` (peer ids: those it banned), and
+    reports the outliers it found (also counted in `swarmnet_averaging_outliers_total`)."""
     members = tuple(members)
     if not 0 <= my_index < len(members):
         raise ValueError(f"my_index {my_index} is outside a group of {len(members)}")
@@ -559,8 +622,10 @@ async def all_reduce(
         result = out.view(-1)
     if len(members) == 1:
         result.copy_(flat)
-        return (result.view(tensor.shape).to(tensor.device) if out is None else out), float(weight)
-    round_ = _Round(round_id, members, my_index, flat, float(weight), result)
+        total = result.view(tensor.shape).to(tensor.device) if out is None else out
+        return RoundResult(total=total, total_weight=float(weight), outliers={})
+    ignored = frozenset(k for k, m in enumerate(members) if m.peer_id in ignore)
+    round_ = _Round(round_id, members, my_index, flat, float(weight), result, robust, ignored)
     server._open(round_)
     try:
         async with asyncio.timeout(timeout):
@@ -578,9 +643,14 @@ async def all_reduce(
     finally:
         server._release(round_id)
         round_.close()
-    if out is not None:
-        return out, round_.total_weight
-    return round_.out.view(tensor.shape).to(tensor.device), round_.total_weight
+    outliers = {}
+    if robust is not None:
+        for k, ratio in enumerate(round_.ratios):
+            if k != my_index and ratio > robust.outlier_ratio:
+                outliers[members[k].peer_id] = ratio
+                metrics.AVERAGING_OUTLIERS.labels(peer=members[k].peer_id).inc()
+    total = out if out is not None else round_.out.view(tensor.shape).to(tensor.device)
+    return RoundResult(total=total, total_weight=round_.total_weight, outliers=outliers)
 
 
 def _check_out(out: torch.Tensor, flat: torch.Tensor) -> None:

@@ -14,6 +14,11 @@ accumulated towards the next step, parameter digest). A background loop reads th
   accumulator, members that no longer answer are excluded, and the round is redone with the
   survivors.
 
+With `averaging.aggregation = "centered_clip"` every part owner aggregates its part robustly and
+reports the members whose contribution was an outlier; one that is an outlier in `ban_after`
+consecutive rounds is banned by this peer: its contributions get no weight in the parts this peer
+owns (it stays in the group, so that members who did not catch it still agree on the group).
+
 What is averaged and how it is applied depends on the run's averaging mode (`strategies.py`).
 """
 
@@ -28,8 +33,16 @@ from collections import Counter
 
 import torch
 
-from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce, hand_off, ping
+from swarmnet.averaging.allreduce import (
+    AllReduceServer,
+    AveragingError,
+    Member,
+    all_reduce_round,
+    hand_off,
+    ping,
+)
 from swarmnet.averaging.progress import ProgressInfo, is_behind, lagging_peers, ready_to_step, round_members
+from swarmnet.averaging.robust import ClipOptions, OutlierStreaks
 from swarmnet.averaging.strategies import Strategy
 from swarmnet.averaging.wire import Handoff
 from swarmnet.config import PeerConfig, RunManifest
@@ -77,6 +90,10 @@ class StageAverager:
             metrics.AVERAGING_ROUNDS.labels(outcome=outcome)
         self.in_round = False
         """An all-reduce round of ours is in progress."""
+        self.robust = ClipOptions.from_config(manifest.averaging)
+        """centered_clip's options (None: the plain weighted mean)."""
+        self.outliers = OutlierStreaks(manifest.averaging.ban_after)
+        """Consecutive rounds in which each stage-mate was an outlier in our part; who is banned."""
         self._addresses: dict[str, str] = {}
         self._leader_wait: tuple[tuple[str, int], float] | None = None
         """((leader, epoch), since when) while we wait for that leader's nonce."""
@@ -349,7 +366,7 @@ class StageAverager:
         if faults.round_delay():
             await asyncio.sleep(faults.round_delay())
         try:
-            total, total_weight = await all_reduce(
+            result = await all_reduce_round(
                 self.server,
                 round_id=round_id,
                 members=group,
@@ -358,6 +375,8 @@ class StageAverager:
                 weight=float(weight),
                 timeout=self.manifest.averaging.round_timeout,
                 out=self._result_buffer(tensor),
+                robust=self.robust,
+                ignore=self.outliers.banned,
             )
         except AveragingError as e:
             await self.executor.run(self.strategy.unfreeze, tensor, weight)
@@ -370,6 +389,8 @@ class StageAverager:
                 self.stage, epoch + 1, len(group), e, {d[-6:]: r for d, r in dead.items()} or "nobody",
             )
             return
+        total, total_weight = result.total, result.total_weight
+        self._note_outliers([m.peer_id for m in group], result.outliers)
         await self.executor.run(self.strategy.apply, total, total_weight)
         self._nonce = ""  # never publish the finished round's nonce with the new epoch
         await self.refresh_digest()
@@ -380,6 +401,17 @@ class StageAverager:
         logger.info("stage %d step %d: averaged %d samples over %d peers in %.3f s", self.stage, self.epoch, int(total_weight), len(group), seconds)
         events.emit("stepped", stage=self.stage, epoch=self.digest_epoch, digest=self.digest, members=len(group))
         await self.publish_progress(force=True)
+
+    def _note_outliers(self, members: list[str], outliers: dict[str, float]) -> None:
+        for pid, ratio in outliers.items():
+            logger.warning(
+                "stage %d: %s sent an outlier (%.3g clipping radii from the result)", self.stage, pid[-6:], ratio
+            )
+        for pid in self.outliers.update(members, outliers):
+            logger.warning(
+                "stage %d: banning %s, an outlier in %d consecutive rounds: no weight in our parts from now on",
+                self.stage, pid[-6:], self.outliers.ban_after,
+            )
 
     # --- handing gradients over when leaving ------------------------------------------------------
 

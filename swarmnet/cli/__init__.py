@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from swarmnet import __version__
-from swarmnet.cli import coordinator, demo, join, status, train
+from swarmnet.cli import coordinator, demo, identity, join, status, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     parser.add_argument("--version", action="version", version=f"swarmnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (coordinator, join, train, status, demo):
+    for module in (coordinator, join, train, status, demo, identity):
         module.add_parser(commands)
     return parser
 

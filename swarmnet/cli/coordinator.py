@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from swarmnet.cli.runtime import run_role
+from swarmnet.cli.runtime import add_join_token_option, read_join_token, run_role
 from swarmnet.config import RunManifest, load_manifest
 
 DEFAULT_IDENTITY = ".swarmnet/coordinator.key"
@@ -29,6 +29,11 @@ def add_parser(commands) -> None:
         help=f"port of the status page, /metrics and Prometheus service discovery /sd (0: any free port; default {DEFAULT_HTTP_PORT})",
     )
     p.add_argument("--no-http", action="store_true", help="serve no status page, metrics or service discovery")
+    p.add_argument(
+        "--allow", action="append", default=[], metavar="PEER_ID",
+        help="make the run private and admit this peer id (repeatable; adds to the manifest's [access] allowlist)",
+    )
+    add_join_token_option(p)
     p.set_defaults(handler=main)
 
 
@@ -36,11 +41,16 @@ def main(args: argparse.Namespace) -> int:
     async def role(stop):
         from swarmnet.coordinator.coordinator import run_coordinator
         from swarmnet.dht.identity import Identity
+        from swarmnet.protocols.access import with_access
 
         manifest = load_manifest(args.run) if args.run else RunManifest(name="demo")
+        identity = Identity.load_or_create(args.identity)
+        join_token = read_join_token(args.join_token_file)
+        manifest = with_access(manifest, allow=args.allow, token=join_token, coordinator=identity.peer_id)
         await run_coordinator(
             manifest=manifest,
-            identity=Identity.load_or_create(args.identity),
+            identity=identity,
+            join_token=join_token,
             host=args.host,
             port=args.port,
             initial_peers=args.initial_peers,

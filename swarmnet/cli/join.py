@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from swarmnet.cli.runtime import run_role
+from swarmnet.cli.runtime import add_join_token_option, read_join_token, run_role
 from swarmnet.config import PeerConfig, load_profile
 
 
@@ -29,6 +29,7 @@ def add_parser(commands) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="port of /metrics (0: any free port), overrides the profile")
     p.add_argument("--metrics-host", default=None, help="interface of /metrics (default: --host)")
     p.add_argument("--checkpoint-dir", default=None, help="save and resume the stage's state here, overrides the profile")
+    add_join_token_option(p)
     p.set_defaults(handler=main)
 
 
@@ -45,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
         entries, source = choose_initial_peers(args.initial_peers, config.initial_peers)
         initial_peers = await resolve_initial_peers(entries)
         print(f"initial peers from {source}: {' '.join(entries)}", flush=True)
+        join_token = read_join_token(args.join_token_file)
         identity = Identity.load_or_create(args.identity) if args.identity else Identity.ephemeral()
         try:
             await run_peer(
@@ -55,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
                 run_id=args.run_id,
                 identity=identity,
                 stop=stop,
+                join_token=join_token,
             )
         finally:
             if not args.identity:

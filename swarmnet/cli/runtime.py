@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from swarmnet.errors import SwarmnetError
+from swarmnet.errors import ConfigError, SwarmnetError
 from swarmnet.telemetry.logs import setup_logging
 
 logger = logging.getLogger("swarmnet.cli")
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+JOIN_TOKEN_ENV = "SWARMNET_JOIN_TOKEN"
+
+
+def add_join_token_option(parser) -> None:
+    parser.add_argument(
+        "--join-token-file", default=None, metavar="FILE",
+        help=f"file holding the join token of a private run (default: ${JOIN_TOKEN_ENV}); never logged",
+    )
+
+
+def read_join_token(path: str | None) -> str | None:
+    """The join token from `--join-token-file`, else `$SWARMNET_JOIN_TOKEN`, else None. A file
+    rather than a flag: command lines are visible to every user of the machine (`ps`)."""
+    if path:
+        try:
+            token = open(path, encoding="utf-8").read().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the join token file {path}: {e.strerror}") from e
+        if not token:
+            raise ConfigError(f"the join token file {path} is empty")
+        return token
+    return os.environ.get(JOIN_TOKEN_ENV, "").strip() or None
 
 
 def run_role(role: str, log_level: str | None, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:

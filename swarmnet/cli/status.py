@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 
-from swarmnet.cli.runtime import run_role
+from swarmnet.cli.runtime import add_join_token_option, read_join_token, run_role
 
 
 def add_parser(commands) -> None:
@@ -17,6 +17,7 @@ def add_parser(commands) -> None:
     )
     p.add_argument("--run-id", default=None, help="run to show (default: the coordinator's)")
     p.add_argument("--json", action="store_true", help="print the swarm view as JSON (as the coordinator's /api/swarm)")
+    add_join_token_option(p)  # a private run's token: to tell its members' records from outsiders'
     p.set_defaults(handler=main)
 
 
@@ -28,6 +29,7 @@ def main(args: argparse.Namespace) -> int:
         from swarmnet.dht.identity import Identity
         from swarmnet.dht.manifests import fetch_manifest, peer_ids_of
         from swarmnet.dht.node import SwarmDHT
+        from swarmnet.protocols.access import AccessPolicy
 
         entries, _ = choose_initial_peers(args.initial_peers)
         initial_peers = await resolve_initial_peers(entries, attempts=1)
@@ -35,6 +37,10 @@ def main(args: argparse.Namespace) -> int:
         try:
             async with await SwarmDHT.create(identity=identity, initial_peers=initial_peers, client_mode=True) as dht:
                 manifest = await fetch_manifest(dht, run_id=args.run_id, preferred_signers=peer_ids_of(initial_peers))
+                policy = AccessPolicy.for_run(manifest, read_join_token(args.join_token_file), dht.peer_id)
+                dht.use_access(policy)
+                if manifest.access.token_sha256 and not policy.can_verify:
+                    print("private run: without its join token only allowlisted peers are shown", flush=True)
                 view = await read_view(dht, manifest)
                 print(json.dumps(view.to_json(), indent=2) if args.json else render_text(view), flush=True)
         finally:

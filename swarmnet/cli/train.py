@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 
-from swarmnet.cli.runtime import run_role
+from swarmnet.cli.runtime import add_join_token_option, read_join_token, run_role
 from swarmnet.config import RunManifest, TrainerConfig, load_manifest, load_profile
 from swarmnet.errors import ConfigError
 from swarmnet.telemetry import events
@@ -29,7 +29,16 @@ def add_parser(commands) -> None:
     p.add_argument("--host", default=None, help="interface for the trainer's libp2p host, overrides the profile")
     p.add_argument("--metrics-port", type=int, default=None, help="port of /metrics (0: any free port), overrides the profile")
     p.add_argument("--metrics-host", default=None, help="interface of /metrics (default: --host)")
+    p.add_argument(
+        "--audit-fraction", type=float, default=None,
+        help="share of forward calls checked against a second replica of their stage (overrides the profile)",
+    )
     p.add_argument("--no-resume", action="store_true", help="start from step 0 even if the swarm is further along")
+    p.add_argument(
+        "--identity", default=None,
+        help="persistent key file, e.g. to be on a private run's allowlist (default: a fresh identity)",
+    )
+    add_join_token_option(p)
     p.set_defaults(handler=main)
 
 
@@ -38,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
         config = load_profile(
             TrainerConfig, args.profile, max_steps=args.max_steps, max_seconds=args.max_seconds, host=args.host,
             metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-            resume=False if args.no_resume else None,
+            resume=False if args.no_resume else None, audit_fraction=args.audit_fraction,
         )
         if args.local:
             from swarmnet.trainer.role import run_local_training
@@ -56,8 +65,9 @@ def main(args: argparse.Namespace) -> int:
             except ConfigError as e:
                 raise ConfigError(f"{e}; or train --local") from None
             initial_peers = await resolve_initial_peers(entries)
+            join_token = read_join_token(args.join_token_file)
 
-            identity = Identity.ephemeral()
+            identity = Identity.load_or_create(args.identity) if args.identity else Identity.ephemeral()
             try:
                 summary = await run_swarm_training(
                     config=config,
@@ -67,9 +77,11 @@ def main(args: argparse.Namespace) -> int:
                     stop=stop,
                     on_start=_announce,
                     on_step=_print_step,
+                    join_token=join_token,
                 )
             finally:
-                identity.path.unlink(missing_ok=True)
+                if not args.identity:
+                    identity.path.unlink(missing_ok=True)
         fields = {k: _finite(v) for k, v in dataclasses.asdict(summary).items()}
         events.emit("summary", **fields)
         print(

@@ -20,6 +20,8 @@ from swarmnet.coordinator.view import SwarmCollector, SwarmHistory, read_view
 from swarmnet.dht.identity import Identity
 from swarmnet.dht.manifests import MANIFEST_REFRESH, publish_manifest
 from swarmnet.dht.node import SwarmDHT
+from swarmnet.protocols.access import AccessPolicy
+from swarmnet.protocols.access import describe as describe_access
 from swarmnet.telemetry import events, metrics
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ async def run_coordinator(
     archive_period: float = 30.0,
     http_host: str | None = None,
     http_port: int | None = 0,
+    join_token: str | None = None,
 ) -> None:
     history = SwarmHistory()
     status = None
@@ -48,6 +51,9 @@ async def run_coordinator(
     try:
         dht = await SwarmDHT.create(identity=identity, initial_peers=initial_peers, host=host, port=port)
         async with dht:
+            policy = AccessPolicy.for_run(manifest, join_token, identity.peer_id)
+            policy.check_self()
+            dht.use_access(policy)  # before the archive and the observer read or serve anything
             await _serve(dht, manifest, history, status, stop, observe_period, archive_dir, archive_period)
     finally:
         REGISTRY.unregister(collector)
@@ -73,6 +79,8 @@ async def _serve(
         await archive.start()
     maddrs = await dht.visible_maddrs()
     logger.info("run %s (%s) published by %s", manifest.run_id, manifest.name, dht.peer_id)
+    if manifest.access.private:
+        print(f"run {manifest.run_id} ({manifest.name}) is {describe_access(manifest.access)}", flush=True)
     for maddr in maddrs:
         print(f"coordinator listening on {maddr}", flush=True)
     print(f"join with: swarmnet join --initial-peers {maddrs[0]} --stage auto", flush=True)

@@ -23,6 +23,9 @@ from hivemind.proto import crypto_pb2
 from swarmnet.errors import ConfigError
 
 _IDENTITY_MULTIHASH = 0x00
+MAX_PEER_ID_CHARS = 128
+"""An Ed25519 peer id has 52 characters; a longer string is refused before base58 decoding, whose
+cost grows with the square of the length (a 60 KB "peer id" in a record took 1.6 s to refuse)."""
 _RAW = serialization.Encoding.Raw
 
 
@@ -70,6 +73,8 @@ def peer_id_from_public_key(public_key: bytes) -> str:
 
 def public_key_from_peer_id(peer_id: str) -> ed25519.Ed25519PublicKey:
     """Recovers the Ed25519 public key embedded in a peer id; ValueError if there is none."""
+    if len(peer_id) > MAX_PEER_ID_CHARS:
+        raise ValueError(f"peer id of {len(peer_id)} characters (at most {MAX_PEER_ID_CHARS})")
     try:
         raw = base58.b58decode(peer_id)
     except Exception as e:  # base58 raises bare ValueError/TypeError variants

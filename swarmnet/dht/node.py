@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -19,9 +20,10 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.dht.identity import Identity
-from swarmnet.dht.records import RecordError, SignedRecord, decode_record, encode_record
+from swarmnet.dht.records import MEMBER_KINDS, RecordError, SignedRecord, decode_record, encode_record
 from swarmnet.dht.validator import SwarmnetRecordValidator
 from swarmnet.errors import ConfigError
+from swarmnet.protocols import access
 from swarmnet.protocols.direct import DirectClient
 from swarmnet.telemetry import events, metrics
 
@@ -50,6 +52,9 @@ class SwarmDHT:
         self.node = node
         self.direct: DirectClient | None = DirectClient(identity)
         """Direct data-plane connections this process opens (None: libp2p streams only)."""
+        self.access: access.AccessPolicy | None = None
+        """The run's access policy once known (`use_access`): in a private run, records of
+        non-members are ignored and our own carry our credential."""
         self._known: dict[PeerID, int] = {}
         """Every DHT node we have had in our routing table (or bootstrapped from), with how many
         re-pings in a row failed: the watchdog's candidates to reconnect to."""
@@ -107,6 +112,14 @@ class SwarmDHT:
     def peer_id(self) -> str:
         return self.identity.peer_id
 
+    def use_access(self, policy: access.AccessPolicy) -> None:
+        """Takes part in a run under `policy`: its checks guard our stream handlers and DHT reads,
+        and our streams, direct connections and records carry our credential."""
+        self.access = policy
+        access.attach(self.p2p, policy)
+        if self.direct is not None:
+            self.direct.credential = policy.own_credential
+
     async def visible_maddrs(self) -> list[str]:
         return [str(m) for m in await self.p2p.get_visible_maddrs()]
 
@@ -123,6 +136,8 @@ class SwarmDHT:
     async def put(self, key: str, record: Any, ttl: float) -> bool:
         """Signs `record` and stores it under `key`, subkey = our peer id, for `ttl` seconds."""
         expiration = get_dht_time() + ttl
+        if self.access is not None and self.access.own_credential and hasattr(record, "credential"):
+            record = dataclasses.replace(record, credential=self.access.own_credential)
         blob = encode_record(self.identity, key, record, expiration)
         with _timed("put"):
             async with asyncio.timeout(DHT_OP_TIMEOUT):
@@ -138,7 +153,8 @@ class SwarmDHT:
                 return bool(await self.node.store(signed.key, signed.blob, signed.expiration, subkey=signed.peer_id))
 
     async def get(self, key: str) -> list[SignedRecord]:
-        """Every live, verified record under `key` (invalid ones are already dropped by the DHT)."""
+        """Every live, verified record under `key` (invalid ones are already dropped by the DHT); in a
+        private run, without the records of non-members."""
         with _timed("get"):
             async with asyncio.timeout(DHT_OP_TIMEOUT):
                 found = await self.node.get(key, latest=True)
@@ -151,8 +167,13 @@ class SwarmDHT:
             except RecordError as e:  # our own cache may hold what a validator never saw
                 logger.debug("skipping record %s/%s: %s", key, subkey, e)
                 continue
-            if signed.key == key and signed.peer_id == subkey:
-                records.append(signed)
+            if signed.key != key or signed.peer_id != subkey:
+                continue
+            if self.access is not None and type(signed.record).KIND in MEMBER_KINDS:
+                if not self.access.admits_record(signed.peer_id, signed.record):
+                    logger.debug("ignoring %s/%s: not a member of the private run", key, subkey)
+                    continue
+            records.append(signed)
         return records
 
     async def _watch_routing_table(self) -> None:

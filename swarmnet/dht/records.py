@@ -4,6 +4,15 @@ Wire form (msgpack): `[kind, version, key, peer_id, expiration, body, signature]
 the Ed25519 signature, by `peer_id`'s key, over msgpack of the first six fields, so a record cannot be
 moved to another key, another owner or another expiration without breaking it. Every record is
 stored under a subkey equal to its signer's peer id.
+
+Compatibility rule: a record body may carry fields this version does not know; decoders ignore them
+(the signature still covers them, so nobody can add any to another's record). New fields are added
+with a default and `omit_if_default` (see `protocols/codec.py`), so records that do not use them
+are byte-identical to the previous version's. Wire messages stay strict.
+
+Private runs: the records of run members (`MEMBER_KINDS`) carry the signer's join `credential`
+(`protocols/access.py`), filled in by `SwarmDHT.put`; readers in a private run ignore records
+whose signer is neither on the run's allowlist nor presents a valid credential.
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ class StageServerRecord:
     """The expert uid, for a peer serving an expert (then `stage` is the expert's unit index)."""
     failed_rounds: int = 0
     """All-reduce rounds of this peer that failed since it started serving the unit."""
+    credential: str = field(default="", metadata={"omit_if_default": True})
+    """Private runs: the signer's join credential (see `protocols/access.py`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +99,8 @@ class ProgressRecord:
     round_nonce: str = ""
     """Set by the leader of a round (the smallest peer id of its members): a fresh value per
     attempt, which every member puts in the round id, so attempts never mix."""
+    credential: str = field(default="", metadata={"omit_if_default": True})
+    """Private runs: the signer's join credential (see `protocols/access.py`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +115,8 @@ class TrainerRecord:
     samples_per_s: float
     metrics_addr: str | None = None
     """host:port of the trainer's Prometheus endpoint, if it runs one."""
+    credential: str = field(default="", metadata={"omit_if_default": True})
+    """Private runs: the signer's join credential (see `protocols/access.py`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +138,8 @@ class ArchiveRecord:
 
     stages: list[ArchivedStage]
     maddrs: list[str]
+    credential: str = field(default="", metadata={"omit_if_default": True})
+    """Private runs: the signer's join credential (see `protocols/access.py`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +165,9 @@ class ManifestRecord:
 RECORD_TYPES: dict[str, type] = {
     cls.KIND: cls for cls in (StageServerRecord, ProgressRecord, TrainerRecord, ManifestRecord, ArchiveRecord)
 }
+MEMBER_KINDS = frozenset(cls.KIND for cls in (StageServerRecord, ProgressRecord, TrainerRecord, ArchiveRecord))
+"""Records that only members of a private run may publish (the manifest is how one learns the
+run is private, so anyone may read and replicate it)."""
 
 
 @dataclass(frozen=True)
@@ -207,5 +227,5 @@ def _decode_record(blob: bytes) -> SignedRecord:
     signed = msgpack.packb(fields[:6], use_bin_type=True)
     if not verify_signature(peer_id, signed, signature):
         raise RecordError(f"invalid signature on {kind} record claimed by {peer_id}")
-    record = from_body(cls, body, RecordError)
+    record = from_body(cls, body, RecordError, allow_unknown=True)
     return SignedRecord(key=key, peer_id=peer_id, expiration=expiration, record=record, blob=bytes(blob))

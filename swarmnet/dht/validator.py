@@ -9,25 +9,60 @@ ones it was signed for, and whose kind is the one its key holds.
 from __future__ import annotations
 
 import logging
+import math
+import threading
+from collections import OrderedDict
 
 import msgpack
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
 
 from swarmnet.dht.keys import record_kind_for_key
 from swarmnet.dht.records import RecordError, decode_record
+from swarmnet.telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
 
+STALE_MEMORY = 16384
+"""(key, subkey) pairs whose newest expiration this node remembers, to refuse replayed old copies."""
+
+
 class SwarmnetRecordValidator(RecordValidatorBase):
+    """Also refuses *replays*: a record older (by its signed expiration, which every refresh moves
+    forward) than one this node already validated for the same key and signer. A replayed copy
+    carries a valid signature, so only its age gives it away; hivemind keeps the newest value per
+    subkey in storage, this also keeps stale copies out of query answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._newest: OrderedDict[tuple[bytes, bytes], float] = OrderedDict()
+        self._lock = threading.Lock()
+
     def validate(self, record: DHTRecord) -> bool:
         try:
             check_dht_record(record)
+            self._check_fresh(record)
             return True
         except RecordError as e:
-            logger.debug("refused DHT record: %s", e)
+            reason = rejection_reason(e)
+            metrics.RECORDS_REJECTED.labels(reason=reason).inc()
+            logger.debug("refused DHT record (%s): %s", reason, e)
             return False
+
+    def _check_fresh(self, record: DHTRecord) -> None:
+        if record.expiration_time < get_dht_time():
+            raise RecordError("record has expired (a replayed old copy?)")
+        slot = (record.key, record.subkey)
+        with self._lock:
+            newest = self._newest.get(slot, -math.inf)
+            if record.expiration_time < newest:
+                raise RecordError(f"stale record: a newer one (expiring {newest:.1f}) was already seen")
+            self._newest[slot] = record.expiration_time
+            self._newest.move_to_end(slot)
+            while len(self._newest) > STALE_MEMORY:
+                self._newest.popitem(last=False)
 
     @property
     def priority(self) -> int:
@@ -35,6 +70,18 @@ class SwarmnetRecordValidator(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, SwarmnetRecordValidator)
+
+
+def rejection_reason(error: RecordError) -> str:
+    """The `reason` label of `swarmnet_records_rejected_total` for a refusal."""
+    text = str(error)
+    if "signature" in text or "signed for another" in text or "subkey is not its signer" in text:
+        return "forged"
+    if "stale" in text or "expired" in text or "expiration differs" in text:
+        return "replayed"
+    if "cannot live under" in text:
+        return "misplaced"
+    return "malformed"
 
 
 def check_dht_record(record: DHTRecord) -> None:

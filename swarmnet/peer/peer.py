@@ -26,6 +26,7 @@ from swarmnet.peer.checkpoint import CheckpointStore
 from swarmnet.peer.detect import describe_device
 from swarmnet.peer.session import PeerContext, serve_stage
 from swarmnet.pipeline.stage_choice import choose_expert, choose_stage, explain_stage_choice
+from swarmnet.protocols.access import AccessPolicy
 from swarmnet.protocols.direct import DirectEndpoint
 from swarmnet.telemetry import events, metrics
 
@@ -41,9 +42,11 @@ async def run_peer(
     expert: str | None = None,
     identity: Identity,
     stop: asyncio.Event,
+    join_token: str | None = None,
 ) -> None:
     """Serves stages until `stop` is set. `stage=None` means auto (the bottleneck stage). With
-    `expert` (a uid, or `auto` for the least served expert) it serves that expert instead."""
+    `expert` (a uid, or `auto` for the least served expert) it serves that expert instead.
+    `join_token` admits us to a private run whose allowlist does not name us."""
     launched = time.monotonic()
     dht = await SwarmDHT.create(identity=identity, initial_peers=initial_peers, host=config.host, port=config.port)
     async with dht:
@@ -52,6 +55,9 @@ async def run_peer(
         )
         num_stages = manifest.training.num_stages
         print(f"run {manifest.run_id} ({manifest.name}): {num_stages} stages; device {describe_device(config.device)}", flush=True)
+        policy = AccessPolicy.for_run(manifest, join_token, identity.peer_id)
+        policy.check_self()  # a refused peer stops here, with what to do about it
+        dht.use_access(policy)
         if expert is not None:
             stage, why = await _claim_expert(dht, manifest, expert)
         elif stage is None:
@@ -78,7 +84,7 @@ async def run_peer(
         try:
             async with await AllReduceServer.create(host=config.host, port=config.averaging_port) as allreduce:
                 if config.direct_data_plane:
-                    allreduce.direct = DirectEndpoint(identity)
+                    allreduce.direct = DirectEndpoint(identity, access=policy)
                 else:
                     dht.direct = None
                 ctx = PeerContext(

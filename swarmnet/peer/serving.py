@@ -8,6 +8,7 @@ backward; the backward recomputes the forward (activation checkpointing by desig
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from swarmnet.models.partition import TensorSpec, target_spec, unit_input_spec, 
 from swarmnet.peer.cache import ExpiringCache
 from swarmnet.peer.compute import StageComputer
 from swarmnet.peer.executor import ComputeExecutor
+from swarmnet.peer.ordering import CallOrder
 from swarmnet.peer.throughput import ThroughputMeter
 from swarmnet.protocols.framing import COMPRESSIONS, DTYPES, TensorHeader
 from swarmnet.protocols.stage import BackwardRequest, ForwardRequest, ForwardResult
@@ -48,9 +50,15 @@ class StageServing:
         self.is_last = stage == manifest.training.num_stages - 1
         self.computer = computer
         self.meter = meter
-        self.executor = ComputeExecutor(max_queue=config.max_queue, torch_threads=config.compute_threads)
+        self.executor = ComputeExecutor(
+            max_queue=config.max_queue,
+            torch_threads=config.compute_threads,
+            max_per_client=config.max_queue_per_client,
+        )
         self.cache: ExpiringCache[tuple[torch.Tensor, list | None]] = ExpiringCache(
-            config.input_cache_size, config.input_cache_ttl
+            config.input_cache_size,
+            config.input_cache_ttl,
+            max_per_owner=max(1, config.input_cache_size // 4),
         )
         """(client, microbatch id) → the forward's input and its MoE trace (see `forward_traced`)."""
         self.input_spec = unit_input_spec(manifest, stage)
@@ -63,6 +71,8 @@ class StageServing:
         those it already holds are still served."""
         self.in_flight = 0
         """Forward/backward calls being computed now."""
+        self.order = CallOrder()
+        """Holds a trainer's gradient calls back until their predecessors were handed to compute."""
         self.last_call = time.monotonic()
         """When the last forward/backward call finished."""
 
@@ -91,8 +101,30 @@ class StageServing:
         if compression not in COMPRESSIONS:
             raise BadRequestError(f"unknown reply compression {compression!r}")
 
-    def check_forward(self, request: ForwardRequest) -> None:
+    def _check_order(self, request: ForwardRequest | BackwardRequest) -> None:
+        if len(request.order_key) > MAX_MICROBATCH_ID:
+            raise BadRequestError("order key must be at most 128 characters")
+
+    def check_forward(self, request: ForwardRequest, client: str = "") -> None:
+        with self._released_on_error(client, request):
+            self._check_forward(request)
+
+    def check_backward(self, request: BackwardRequest, client: str = "") -> None:
+        with self._released_on_error(client, request):
+            self._check_backward(request)
+
+    @contextlib.contextmanager
+    def _released_on_error(self, client: str, request: ForwardRequest | BackwardRequest):
+        """A refused gradient call still lets its successor go (`swarmnet.peer.ordering`)."""
+        try:
+            yield
+        except Exception:
+            self.order.handed_over(client, request.order_key, request.seq)
+            raise
+
+    def _check_forward(self, request: ForwardRequest) -> None:
         self._check_common(request.run_id, request.stage, request.microbatch_id, request.reply_compression)
+        self._check_order(request)
         _check_header(request.input, self.input_spec, "input")
         if self.is_last != (request.targets is not None):
             raise BadRequestError("targets go to the last stage, and only there")
@@ -101,8 +133,9 @@ class StageServing:
             if request.targets.shape[0] != request.input.shape[0]:
                 raise BadRequestError("targets and input have different batch sizes")
 
-    def check_backward(self, request: BackwardRequest) -> None:
+    def _check_backward(self, request: BackwardRequest) -> None:
         self._check_common(request.run_id, request.stage, request.microbatch_id, request.reply_compression)
+        self._check_order(request)
         if self.is_last:
             raise BadRequestError("the last stage computes its backward in the forward call")
         _check_header(request.grad_output, self.output_spec, "grad_output")
@@ -112,31 +145,44 @@ class StageServing:
     async def forward(
         self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
     ) -> ForwardResult:
-        if self.draining:
-            raise PeerUnavailableError("this peer is leaving the stage")
-        self._check_values(x, "input")
-        self.in_flight += 1
         try:
-            return await self._forward(client, request, x, targets)
+            if self.draining:
+                raise PeerUnavailableError("this peer is leaving the stage")
+            self._check_values(x, "input")
+            self.in_flight += 1
+            try:
+                return await self._forward(client, request, x, targets)
+            finally:
+                self.in_flight -= 1
+                self.last_call = time.monotonic()
         finally:
-            self.in_flight -= 1
-            self.last_call = time.monotonic()
+            self.order.handed_over(client, request.order_key, request.seq)
 
     async def _forward(
         self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
     ) -> ForwardResult:
         if targets is not None:
             _check_tokens(targets, self.manifest.model.vocab_size, "targets")
-            result, seconds = await self.executor.run_timed(self.computer.loss_backward, x, targets)
+            await self.order.wait_for(client, request.order_key, request.after)
+            self.order.handed_over(client, request.order_key, request.seq)  # the executor runs in order
+            result, seconds = await self.executor.run_timed(self.computer.loss_backward, x, targets, client=client)
             self._observe("loss_backward", len(x), seconds, stepped=result.stepped)
             self._backward_done()
             return ForwardResult(output=None, grad_input=result.grad_input, loss=result.loss, step=self.computer.step)
-        (output, trace), seconds = await self.executor.run_timed(self.computer.forward_traced, x)
+        (output, trace), seconds = await self.executor.run_timed(self.computer.forward_traced, x, client=client)
         self._observe("forward", len(x), seconds, stepped=False)
         self.cache.put((client, request.microbatch_id), (x, trace))
         return ForwardResult(output=output, grad_input=None, loss=None, step=self.computer.step)
 
     async def backward(
+        self, client: str, request: BackwardRequest, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, int]:
+        try:
+            return await self._backward(client, request, grad_output)
+        finally:
+            self.order.handed_over(client, request.order_key, request.seq)
+
+    async def _backward(
         self, client: str, request: BackwardRequest, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, int]:
         _check_finite(grad_output, "grad_output")
@@ -147,9 +193,13 @@ class StageServing:
         x, trace = cached
         if len(x) != len(grad_output):
             raise BadRequestError("grad_output batch size differs from the forward's input")
+        await self.order.wait_for(client, request.order_key, request.after)
         self.in_flight += 1
         try:
-            result, seconds = await self.executor.run_timed(self.computer.backward, x, grad_output, trace)
+            self.order.handed_over(client, request.order_key, request.seq)  # the executor runs in order
+            result, seconds = await self.executor.run_timed(
+                self.computer.backward, x, grad_output, trace, client=client
+            )
         finally:
             self.in_flight -= 1
             self.last_call = time.monotonic()

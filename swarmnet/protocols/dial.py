@@ -1,5 +1,7 @@
 """Opening call streams to a peer known from its DHT record: over the direct data plane when the
-peer announces one and it can be reached, else as a libp2p stream through p2pd."""
+peer announces one and it can be reached, else as a libp2p stream through p2pd. In a private run
+(the host has an access policy, `access.attach`) a libp2p stream opens with this process's
+`AccessHello`; a direct connection carries its credential in the handshake."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.errors import PeerUnavailableError
+from swarmnet.protocols import access
 from swarmnet.protocols.direct import DirectClient, DirectUnavailable
 from swarmnet.protocols.framing import FramedStream
 from swarmnet.telemetry import metrics
@@ -55,8 +58,12 @@ class PeerDialer:
                 await self.p2p._client.connect(pid, [Multiaddr(m.split("/p2p/")[0]) for m in self.maddrs])
                 self._connected = True
             _, reader, writer = await self.p2p.call_binary_stream_handler(pid, protocol)
+            stream = stream_cls(reader, writer, peer=self.peer_id)
+            policy = access.policy_for(self.p2p)
+            if policy is not None and policy.private:
+                await stream.send_message(policy.hello())
         except Exception as e:  # bad peer ids, and p2pd's dial failures (ControlFailure, ConnectionError)
             self._connected = False
             raise PeerUnavailableError(f"cannot open a stream to {self.peer_id}: {e}", peer=self.peer_id) from e
         metrics.STREAMS.labels(stream_cls.protocol, "p2p").inc()
-        return stream_cls(reader, writer, peer=self.peer_id)
+        return stream

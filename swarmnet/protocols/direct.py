@@ -14,6 +14,9 @@ peers' libp2p ids (the public key is recoverable from the peer id, see `dht.iden
    and both ids, so the client knows it reached the peer the signed DHT record named;
 3. client → `DirectProof{signature}`: the client signs the server's nonce (and the same fields),
    so the server knows who it serves: a stage server keys cached microbatches by that id.
+   In a private run the server then checks that id against the run's access policy, with the
+   join credential the client put in `DirectOpen` (see `access.py`), and refuses outsiders with
+   `AccessDeniedError`.
 
 Then the connection carries calls one after another: a request, its reply, the next request. The
 client keeps idle connections in a small pool and reuses them; the server closes a connection after
@@ -35,13 +38,15 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
 
 from swarmnet.dht.identity import Identity, public_key_from_peer_id
 from swarmnet.errors import (
+    AccessDeniedError,
     BadRequestError,
     PeerBusyError,
     PeerUnavailableError,
@@ -51,6 +56,9 @@ from swarmnet.errors import (
 )
 from swarmnet.protocols.framing import FramedStream, SocketIO, quietly, serve_request
 from swarmnet.telemetry import metrics
+
+if TYPE_CHECKING:
+    from swarmnet.protocols.access import AccessPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +85,8 @@ class DirectOpen:
     server: str
     nonce: bytes
     version: int = VERSION
+    credential: str = field(default="", metadata={"omit_if_default": True})
+    """Private runs: the client's join credential (left out otherwise, as older peers expect)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,8 +136,10 @@ class _Handler:
 class DirectEndpoint:
     """Server side: the protocols a peer serves directly, and the connections it holds."""
 
-    def __init__(self, identity: Identity):
+    def __init__(self, identity: Identity, *, access: AccessPolicy | None = None):
         self.identity = identity
+        self.access = access
+        """The run's access policy: in a private run only members get past the handshake."""
         self._handlers: dict[str, _Handler] = {}
         self._connections = 0
 
@@ -154,9 +166,15 @@ class DirectEndpoint:
                     proof = await stream.receive_message(DirectProof)
                 if not _verify(hello.client, proof.signature, _transcript("client", nonce, hello)):
                     raise BadRequestError("the client's proof of identity does not verify")
+                if self.access is not None:
+                    self.access.check(hello.client, hello.credential, protocol=handler.what)
             except SwarmnetError as e:
                 outcome = e.code
                 await quietly(stream.send_error(e))
+                if isinstance(e, AccessDeniedError):
+                    # The client sent its first request right after its proof: read it away, so
+                    # that closing does not reset the connection before the client reads why.
+                    await quietly(stream.finish())
                 return
             except TimeoutError:
                 outcome = "timeout"
@@ -207,6 +225,8 @@ class DirectClient:
 
     def __init__(self, identity: Identity):
         self.identity = identity
+        self.credential = ""
+        """Private runs: this process's join credential, sent in every `DirectOpen`."""
         self._idle: dict[tuple[str, str, str], list[tuple[float, SocketIO]]] = {}
         self._unreachable: dict[str, float] = {}
 
@@ -272,7 +292,10 @@ class DirectClient:
             raise DirectUnavailable(f"cannot connect to {address}: {e!r}", peer=server) from e
         io = SocketIO(sock)
         stream = FramedStream.over(io, peer=server)
-        hello = DirectOpen(protocol=protocol, client=self.identity.peer_id, server=server, nonce=os.urandom(NONCE_BYTES))
+        hello = DirectOpen(
+            protocol=protocol, client=self.identity.peer_id, server=server, nonce=os.urandom(NONCE_BYTES),
+            credential=self.credential,
+        )
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 await stream.send_message(hello)
@@ -280,9 +303,9 @@ class DirectClient:
                 if not _verify(server, challenge.signature, _transcript("server", hello.nonce, hello)):
                     raise ProtocolError(f"{address} does not prove to be {server}")
                 await stream.send_message(DirectProof(signature=self.identity.sign(_transcript("client", challenge.nonce, hello))))
-        except PeerUnavailableError:
+        except (PeerUnavailableError, AccessDeniedError):
             sock.close()
-            raise  # the server is there but does not serve the protocol now: libp2p would not either
+            raise  # the server is there and does not serve us now: libp2p would not either
         except (SwarmnetError, OSError, asyncio.IncompleteReadError) as e:
             sock.close()
             self._unreachable[address] = time.monotonic() + RETRY_DIRECT_AFTER

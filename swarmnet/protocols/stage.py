@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from hivemind.p2p import P2P
 
+from swarmnet.protocols import access
 from swarmnet.protocols.dial import PeerDialer
 from swarmnet.protocols.direct import DirectClient, DirectEndpoint
 from swarmnet.protocols.framing import (
@@ -48,6 +50,12 @@ class ForwardRequest:
     targets: TensorHeader | None = None
     """Only for the last stage: compute the loss and its backward in this call."""
     reply_compression: str = "none"
+    order_key: str = ""
+    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`."""
+    seq: int = -1
+    """This call's place in the trainer's gradient-call order (see `swarmnet.peer.ordering`)."""
+    after: int = -1
+    """The call the trainer sent to this peer before this one: applied first (-1: none)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +73,12 @@ class BackwardRequest:
     stage: int
     grad_output: TensorHeader
     reply_compression: str = "none"
+    order_key: str = ""
+    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`."""
+    seq: int = -1
+    """This call's place in the trainer's gradient-call order (see `swarmnet.peer.ordering`)."""
+    after: int = -1
+    """The call the trainer sent to this peer before this one: applied first (-1: none)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,9 +98,9 @@ class ForwardResult:
 class StageBackend(Protocol):
     """What the servicer needs from a peer: validation and compute, raising typed errors."""
 
-    def check_forward(self, request: ForwardRequest) -> None: ...
+    def check_forward(self, request: ForwardRequest, client: str = "") -> None: ...
 
-    def check_backward(self, request: BackwardRequest) -> None: ...
+    def check_backward(self, request: BackwardRequest, client: str = "") -> None: ...
 
     async def forward(
         self, client: str, request: ForwardRequest, x: torch.Tensor, targets: torch.Tensor | None
@@ -104,7 +118,8 @@ class StageServicer:
         self.backend = backend
 
     async def register(self, p2p: P2P) -> None:
-        await p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+        # Behind the access check of private runs (the direct plane checks in its handshake).
+        await access.add_stream_handler(p2p, PROTOCOL, self._handle, what="stage")
 
     async def unregister(self, p2p: P2P) -> None:
         await p2p.remove_binary_stream_handler(PROTOCOL)
@@ -121,11 +136,11 @@ class StageServicer:
         async with asyncio.timeout(REQUEST_READ_TIMEOUT):
             request = await stream.receive_message(ForwardRequest, BackwardRequest)
             if isinstance(request, ForwardRequest):
-                self.backend.check_forward(request)
+                self.backend.check_forward(request, client)
                 x = await stream.receive_tensor(request.input)
                 targets = await stream.receive_tensor(request.targets) if request.targets else None
             else:
-                self.backend.check_backward(request)
+                self.backend.check_backward(request, client)
                 grad_output = await stream.receive_tensor(request.grad_output)
         if isinstance(request, ForwardRequest):
             result = await self.backend.forward(client, request, x, targets)
@@ -169,7 +184,14 @@ class StageStub:
         self.dialer = PeerDialer(p2p, peer_id, maddrs, data_addr=data_addr, direct=direct)
 
     async def forward(
-        self, run_id: str, microbatch_id: str, stage: int, x: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        run_id: str,
+        microbatch_id: str,
+        stage: int,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        order: CallTicket | None = None,
     ) -> ForwardResult:
         compression = self._compression()
         header = header_for(x, compression)
@@ -180,6 +202,7 @@ class StageStub:
             input=header,
             targets=header_for(targets) if targets is not None else None,
             reply_compression=compression,
+            **_order_fields(order),
         )
         stream = await self._open()
         try:
@@ -188,6 +211,7 @@ class StageStub:
                 await stream.send_tensor(x, header)
                 if targets is not None:
                     await stream.send_tensor(targets, request.targets)
+            _sent(order)
             reply = await stream.receive_message(ForwardReply)
             started = time.perf_counter()
             output = await stream.receive_tensor(reply.output, self.max_reply_bytes) if reply.output else None
@@ -199,7 +223,13 @@ class StageStub:
             await stream.close()
 
     async def backward(
-        self, run_id: str, microbatch_id: str, stage: int, grad_output: torch.Tensor
+        self,
+        run_id: str,
+        microbatch_id: str,
+        stage: int,
+        grad_output: torch.Tensor,
+        *,
+        order: CallTicket | None = None,
     ) -> torch.Tensor | None:
         compression = self._compression()
         header = header_for(grad_output, compression)
@@ -209,12 +239,14 @@ class StageStub:
             stage=stage,
             grad_output=header,
             reply_compression=compression,
+            **_order_fields(order),
         )
         stream = await self._open()
         try:
             with _refusal_is_read_below():
                 await stream.send_message(request)
                 await stream.send_tensor(grad_output, header)
+            _sent(order)
             reply = await stream.receive_message(BackwardReply)
             started = time.perf_counter()
             grad = await stream.receive_tensor(reply.grad_input, self.max_reply_bytes) if reply.grad_input else None
@@ -233,6 +265,26 @@ class StageStub:
 
     def _measured(self, started: float, *headers: TensorHeader | None) -> None:
         self.link.observe(sum(h.nbytes for h in headers if h is not None), time.perf_counter() - started)
+
+
+@dataclass
+class CallTicket:
+    """A gradient call's place in its trainer's order (see `swarmnet.peer.ordering`): `sent` is
+    called once the request and its tensors are written, so the next call may go."""
+
+    key: str
+    seq: int
+    after: int
+    sent: Callable[[], None] | None = None
+
+
+def _order_fields(order: CallTicket | None) -> dict:
+    return {} if order is None else {"order_key": order.key, "seq": order.seq, "after": order.after}
+
+
+def _sent(order: CallTicket | None) -> None:
+    if order is not None and order.sent is not None:
+        order.sent()
 
 
 @contextlib.contextmanager

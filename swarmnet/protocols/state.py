@@ -37,6 +37,7 @@ from swarmnet.errors import (
     UnknownRunError,
     UnknownStateError,
 )
+from swarmnet.protocols import access
 from swarmnet.protocols.dial import PeerDialer
 from swarmnet.protocols.direct import DirectClient, DirectEndpoint
 from swarmnet.protocols.framing import (
@@ -139,7 +140,7 @@ class StateServicer:
         """(monotonic time the latest provider call started, its digest)."""
 
     async def register(self, p2p: P2P) -> None:
-        await p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+        await access.add_stream_handler(p2p, PROTOCOL, self._handle, what="state")
 
     async def unregister(self, p2p: P2P) -> None:
         await p2p.remove_binary_stream_handler(PROTOCOL)
@@ -257,7 +258,7 @@ class StateRouter:
         self._servicers[(servicer.run_id, servicer.stage)] = servicer
 
     async def register(self, p2p: P2P) -> None:
-        await p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+        await access.add_stream_handler(p2p, PROTOCOL, self._handle, what="state")
 
     async def unregister(self, p2p: P2P) -> None:
         await p2p.remove_binary_stream_handler(PROTOCOL)

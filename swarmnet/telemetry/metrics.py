@@ -41,6 +41,12 @@ STREAMS = Counter(
     "Stage and state call streams this process opened, by protocol and transport (direct TCP, or p2p through p2pd)",
     ["protocol", "transport"],
 )
+ACCESS_DENIED = Counter(
+    "swarmnet_access_denied_total",
+    "Private runs: callers refused and records ignored because their peer id is neither on the run's allowlist "
+    "nor holds a valid join credential, by protocol (stage, state, dht)",
+    ["protocol"],
+)
 DIRECT_CONNECTIONS = Counter(
     "swarmnet_direct_connections_total",
     "Direct data-plane connections opened (as a client) and accepted (as a server), by outcome",
@@ -75,6 +81,12 @@ AVERAGING_GROUP_SIZE = Histogram(
 )
 SUSPECTED_PEERS = Counter(
     "swarmnet_averaging_suspected_peers_total", "Stage-mates left out of rounds because they did not answer a ping"
+)
+AVERAGING_OUTLIERS = Counter(
+    "swarmnet_averaging_outliers_total",
+    "Stage-mates whose contribution to the part this peer owns was an outlier in a completed round "
+    "(averaging.aggregation = centered_clip), by their peer id",
+    ["peer"],
 )
 STATE_SYNC_SECONDS = Histogram(
     "swarmnet_state_sync_seconds", "Time to download and load a stage's state", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -112,6 +124,19 @@ TRAINER_SAMPLES_PER_SECOND = Gauge("swarmnet_trainer_samples_per_second", "This 
 TRAINER_IN_FLIGHT = Gauge("swarmnet_trainer_microbatches_in_flight", "Microbatches this trainer has in the pipeline")
 TRAINER_DROPPED = Counter("swarmnet_trainer_microbatches_dropped_total", "Microbatches given up after retries")
 TRAINER_RETRIES = Counter("swarmnet_trainer_retries_total", "Stage calls retried, by stage", ["stage"])
+RECORDS_REJECTED = Counter(
+    "swarmnet_records_rejected_total",
+    "DHT records this node refused to store or accept from a query, by reason (forged, replayed, misplaced, malformed)",
+    ["reason"],
+)
+TRAINER_AUDITS = Counter(
+    "swarmnet_trainer_audits_total",
+    "Forward calls sent to two replicas and compared, by stage and outcome (agree, liar, no_majority, incomparable)",
+    ["stage", "outcome"],
+)
+TRAINER_LIARS_BANNED = Counter(
+    "swarmnet_trainer_liars_banned_total", "Stage peers caught returning results their replicas contradict", ["stage"]
+)
 TRAINER_CALL_SECONDS = Histogram(
     "swarmnet_trainer_stage_call_seconds", "Duration of this trainer's successful calls to a stage, by stage and kind",
     ["stage", "kind"], buckets=_LATENCY,

@@ -16,6 +16,7 @@ from swarmnet.dht.identity import Identity
 from swarmnet.dht.manifests import fetch_manifest, peer_ids_of
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.records import TrainerRecord
+from swarmnet.protocols.access import AccessPolicy
 from swarmnet.telemetry import metrics
 from swarmnet.trainer.directory import StageDirectory
 from swarmnet.trainer.local import LocalTrainer
@@ -40,6 +41,7 @@ async def run_swarm_training(
     stop: asyncio.Event,
     on_start: Callable[[RunManifest, str, str | None], None],
     on_step: Callable[[StepReport], None],
+    join_token: str | None = None,
 ) -> TrainingSummary:
     dht = await SwarmDHT.create(
         identity=identity, initial_peers=initial_peers, host=config.host, client_mode=True
@@ -47,6 +49,9 @@ async def run_swarm_training(
     async with dht:
         manifest = await fetch_manifest(dht, run_id=run_id, preferred_signers=peer_ids_of(initial_peers), timeout=config.manifest_timeout
         )
+        policy = AccessPolicy.for_run(manifest, join_token, identity.peer_id)
+        policy.check_self()  # a trainer outside a private run stops here, with what to do about it
+        dht.use_access(policy)
         metrics_addr = metrics.serve_metrics(
             config.metrics_host or config.host, config.metrics_port, await dht.visible_maddrs()
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from swarmnet.config import RunManifest, TrainerConfig
 from swarmnet.data.loader import Microbatch, MicrobatchStream
-from swarmnet.errors import SwarmnetError
+from swarmnet.errors import AccessDeniedError, SwarmnetError
 from swarmnet.telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class StepRunner(ABC):
                 began = time.monotonic()
                 try:
                     losses[mb.index] = await self.run_microbatch(mb)
+                except AccessDeniedError:
+                    raise  # a private run refused us: stop training (below), dropping would go on forever
                 except (SwarmnetError, TimeoutError, OSError) as e:
                     dropped += 1
                     metrics.TRAINER_DROPPED.inc()
@@ -140,7 +142,10 @@ class StepRunner(ABC):
                 finally:
                     slowest = max(slowest, time.monotonic() - began)
 
-        async with asyncio.TaskGroup() as tasks:
-            for mb in microbatches:
-                tasks.create_task(one(mb))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for mb in microbatches:
+                    tasks.create_task(one(mb))
+        except* AccessDeniedError as refused:
+            raise refused.exceptions[0] from None
         return [losses[i] for i in sorted(losses)], dropped, slowest

@@ -29,10 +29,10 @@ class Doubler:
     def __init__(self) -> None:
         self.clients: list[str] = []
 
-    def check_forward(self, request) -> None:
+    def check_forward(self, request, client: str = "") -> None:
         pass
 
-    def check_backward(self, request) -> None:
+    def check_backward(self, request, client: str = "") -> None:
         pass
 
     async def forward(self, client, request, x, targets) -> ForwardResult:

@@ -100,3 +100,13 @@ def test_expired_entries_do_not_count_against_the_size():
 def test_invalid_bounds_are_refused(max_size, ttl):
     with pytest.raises(ValueError):
         ExpiringCache(max_size, ttl)
+
+
+def test_one_owner_evicts_only_its_own_entries():
+    cache: ExpiringCache[int] = ExpiringCache(8, 60.0, max_per_owner=3)
+    cache.put(("honest", 0), 0)
+    for i in range(100):  # a flood from one client
+        cache.put(("flood", i), i)
+    assert cache.get(("honest", 0)) == 0
+    assert [cache.get(("flood", i)) for i in (96, 97, 98, 99)] == [None, 97, 98, 99]
+    assert len(cache) == 4
