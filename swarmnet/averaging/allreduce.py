@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -66,6 +67,7 @@ from swarmnet.averaging.wire import (
     Pong,
     Welcome,
     group_digest,
+    hello_transcript,
     recv_exactly,
     recv_into,
     recv_message,
@@ -76,6 +78,7 @@ from swarmnet.averaging.wire import (
     tensor_view,
     tune,
 )
+from swarmnet.dht.identity import Identity, verify_signature
 from swarmnet.errors import ProtocolError, SwarmnetError
 from swarmnet.protocols.direct import DirectEndpoint, DirectOpen
 from swarmnet.telemetry import metrics
@@ -110,8 +113,11 @@ class _Round:
         out: torch.Tensor,
         robust: ClipOptions | None = None,
         ignore: frozenset[int] = frozenset(),
+        identity: Identity | None = None,
     ):
         loop = asyncio.get_running_loop()
+        self.identity = identity
+        """Signs our hellos; with one, incoming hellos must be signed by the member they claim."""
         self.round_id, self.members, self.me, self.flat = round_id, members, my_index, flat
         self.n = len(members)
         self.group = group_digest(members)
@@ -155,6 +161,10 @@ class _Round:
             return "member list differs"
         if hello.sender not in self.incoming:
             return f"invalid sender index {hello.sender}"
+        if self.identity is not None and not verify_signature(
+            self.members[hello.sender].peer_id, hello_transcript(hello), hello.signature
+        ):
+            return f"hello not signed by member {hello.sender}'s key"
         if hello.numel != self.flat.numel():
             return f"tensor of {hello.numel} elements, expected {self.flat.numel()}"
         if self.incoming[hello.sender].done():
@@ -247,6 +257,8 @@ class _Round:
         hello = Hello(
             round_id=self.round_id, group=self.group, sender=self.me, numel=self.flat.numel(), weight=weight
         )
+        if self.identity is not None:
+            hello = dataclasses.replace(hello, signature=self.identity.sign(hello_transcript(hello)))
         await send_message(sock, hello)
         if (await recv_message(sock, Welcome)).round_id != self.round_id:
             raise ProtocolError("welcomed into another round")
@@ -361,6 +373,9 @@ class AllReduceServer:
         """Who takes gradients handed off by leaving stage-mates (the stage being served)."""
         self.direct: DirectEndpoint | None = None
         """The stage and state protocols served on this port (the peer's direct data plane)."""
+        self.identity: Identity | None = None
+        """The peer's key: with it, rounds sign their hellos and admit only hellos signed by the
+        member they claim to be (`wire.Hello.signature`). Every real peer sets it."""
 
     @classmethod
     async def create(
@@ -625,7 +640,7 @@ async def all_reduce_round(
         total = result.view(tensor.shape).to(tensor.device) if out is None else out
         return RoundResult(total=total, total_weight=float(weight), outliers={})
     ignored = frozenset(k for k, m in enumerate(members) if m.peer_id in ignore)
-    round_ = _Round(round_id, members, my_index, flat, float(weight), result, robust, ignored)
+    round_ = _Round(round_id, members, my_index, flat, float(weight), result, robust, ignored, server.identity)
     server._open(round_)
     try:
         async with asyncio.timeout(timeout):

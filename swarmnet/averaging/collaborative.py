@@ -25,6 +25,7 @@ What is averaged and how it is applied depends on the run's averaging mode (`str
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -44,9 +45,10 @@ from swarmnet.averaging.allreduce import (
 from swarmnet.averaging.progress import ProgressInfo, is_behind, lagging_peers, ready_to_step, round_members
 from swarmnet.averaging.robust import ClipOptions, OutlierStreaks
 from swarmnet.averaging.strategies import Strategy
-from swarmnet.averaging.wire import Handoff
+from swarmnet.averaging.wire import Handoff, handoff_transcript
 from swarmnet.config import PeerConfig, RunManifest
 from swarmnet.dht import keys
+from swarmnet.dht.identity import verify_signature
 from swarmnet.dht.node import SwarmDHT
 from swarmnet.dht.records import ProgressRecord, SignedRecord
 from swarmnet.dht.stages import read_stage_and_progress
@@ -419,6 +421,10 @@ class StageAverager:
         """Called by the all-reduce server before it reads a handoff's data."""
         if handoff.run_id != self.manifest.run_id or handoff.stage != self.stage:
             return f"this peer serves stage {self.stage} of run {self.manifest.run_id}"
+        if handoff.sender not in self._digests or not verify_signature(
+            handoff.sender, handoff_transcript(handoff), handoff.signature
+        ):
+            return "handoffs are taken only from known stage-mates, signed by their key"
         if self.leaving:
             return "this peer is leaving too"
         if handoff.epoch != self.epoch:
@@ -452,7 +458,15 @@ class StageAverager:
         if not mates:
             return 0
         tensor, weight = await self.executor.run(self.strategy.freeze)
-        handoff = Handoff(run_id=self.manifest.run_id, stage=self.stage, epoch=self.epoch, numel=tensor.numel(), weight=float(weight))
+        handoff = Handoff(
+            run_id=self.manifest.run_id,
+            stage=self.stage,
+            epoch=self.epoch,
+            numel=tensor.numel(),
+            weight=float(weight),
+            sender=self.dht.peer_id,
+        )
+        handoff = dataclasses.replace(handoff, signature=self.dht.identity.sign(handoff_transcript(handoff)))
         for attempt in range(2):  # a mate in the middle of a round refuses; ask again after it
             if attempt:
                 await asyncio.sleep(0.5)

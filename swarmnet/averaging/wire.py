@@ -10,7 +10,7 @@ import hashlib
 import socket
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -41,6 +41,21 @@ SENT = metrics.TRANSFERRED_BYTES.labels("averaging", "sent")
 RECEIVED = metrics.TRANSFERRED_BYTES.labels("averaging", "received")
 
 
+def hello_transcript(hello: "Hello") -> bytes:
+    return msgpack.packb(
+        ["swarmnet-allreduce-hello/1", hello.round_id, hello.group, hello.sender, hello.numel, float(hello.weight)]
+    )
+
+
+def handoff_transcript(handoff: "Handoff") -> bytes:
+    return msgpack.packb(
+        [
+            "swarmnet-handoff/1", handoff.run_id, handoff.stage, handoff.epoch, handoff.numel,
+            float(handoff.weight), handoff.sender,
+        ]
+    )
+
+
 class AveragingError(SwarmnetError):
     """An all-reduce round failed; every member discards it. Retry with a new round."""
 
@@ -66,6 +81,10 @@ class Hello:
     numel: int
     weight: float
     version: int = PROTOCOL_VERSION
+    signature: bytes = field(default=b"", metadata={"omit_if_default": True})
+    """Ed25519 signature of `hello_transcript` by the sender member's peer key: a peer whose
+    server has an identity (every real peer) admits only signed hellos, so nobody who merely
+    read the member list in the DHT can contribute as a member."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +113,10 @@ class Handoff:
     weight: float
     """Samples the sums cover."""
     version: int = PROTOCOL_VERSION
+    sender: str = field(default="", metadata={"omit_if_default": True})
+    """The leaving peer's id; `signature` (of `handoff_transcript`) proves it, and the taker
+    accepts handoffs only from stage-mates it knows."""
+    signature: bytes = field(default=b"", metadata={"omit_if_default": True})
 
 
 @dataclass(frozen=True, kw_only=True)

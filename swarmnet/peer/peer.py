@@ -83,6 +83,7 @@ async def run_peer(
         keeper = asyncio.create_task(keep_manifest(dht, manifest.run_id), name="keep-manifest")
         try:
             async with await AllReduceServer.create(host=config.host, port=config.averaging_port) as allreduce:
+                allreduce.identity = identity  # all-reduce hellos are signed and checked
                 if config.direct_data_plane:
                     allreduce.direct = DirectEndpoint(identity, access=policy)
                 else:

@@ -136,8 +136,8 @@ class AccessPolicy:
         """Whether `peer_id` (authenticated by the transport) may take part."""
         if not self.private or peer_id in self._allowed:
             return True
-        if self._token is None or not credential:
-            return False
+        if self._token is None or not credential or not credential.isascii():
+            return False  # `hmac.compare_digest` raises TypeError on non-ASCII str: no credential has any
         now = self._clock()
         known = self._admitted.get(peer_id)
         if known is not None and known[1] > now and hmac.compare_digest(known[0], credential):

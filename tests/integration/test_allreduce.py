@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import multiprocessing as mp
 import os
@@ -20,7 +21,7 @@ import torch
 
 import swarmnet.averaging.allreduce as ar
 from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce
-from swarmnet.averaging.wire import Hello, group_digest
+from swarmnet.averaging.wire import Hello, group_digest, hello_transcript
 from swarmnet.protocols.codec import to_body
 from swarmnet.protocols.framing import ERROR, MESSAGE
 from swarmnet.testing.waiting import wait_until
@@ -445,3 +446,37 @@ def test_sigkilled_member_process_fails_the_survivors_within_the_timeout():
         assert outcome.startswith("AveragingError"), outcome
         assert seconds < TIMEOUT_PROCESS + SLACK
     assert after_kill < TIMEOUT_PROCESS
+
+
+def test_with_identities_hellos_are_signed_and_an_impersonator_is_refused():
+    """Real peers' servers carry their keys: rounds complete with signed hellos, and a hello that
+    claims a member's index without that member's signature is refused (the member list and round
+    id are public in the DHT, so they prove nothing)."""
+    from swarmnet.dht.identity import Identity
+
+    identities = [Identity.ephemeral() for _ in range(3)]
+    tensors = [torch.randn(3000, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    async def main():
+        async with servers(3) as started:
+            for server, identity in zip(started, identities):
+                server.identity = identity
+            members = [Member(peer_id=i.peer_id, host=s.host, port=s.port) for i, s in zip(identities, started)]
+            forged = Hello(round_id="signed", group=group_digest(members), sender=1, numel=3000, weight=1.0)
+            forged = dataclasses.replace(forged, signature=Identity.ephemeral().sign(hello_transcript(forged)))
+            reader, writer = await _raw_hello(started[0], forged)  # held until the round opens
+            rounds = asyncio.gather(*(reduce(started[i], members, i, tensors[i], round_id="signed") for i in range(3)))
+            async with asyncio.timeout(10):
+                answer = await _answer(reader)
+            writer.close()
+            return answer, await rounds
+
+    try:
+        answer, results = run(main)
+    finally:
+        for identity in identities:
+            with contextlib.suppress(FileNotFoundError, AttributeError, TypeError):
+                identity.path.unlink()
+    assert answer.startswith("refused") and "not signed" in answer, answer
+    for total, weight in results:
+        assert torch.equal(total, reference(tensors)) and weight == 3.0
