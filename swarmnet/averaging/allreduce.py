@@ -487,7 +487,11 @@ class AllReduceServer:
             if not handed_over:
                 conn.close()
         if direct is not None and self.direct is not None:
-            await self.direct.accept(conn, direct)  # counted per call by the protocol served
+            try:
+                await self.direct.accept(conn, direct)  # counted per call by the protocol served
+            except Exception:  # one connection's failure must never stop this port's accept loop
+                logger.exception("internal error serving a direct connection")
+                conn.close()
 
     async def _take_handoff(self, conn: socket.socket, handoff: Handoff) -> None:
         target = self.handoff_target

@@ -127,7 +127,10 @@ class StageComputer:
         for p in self.module.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-        self.optimizer.step()
+        if not _grads_finite(self.module.parameters()):
+            logger.warning("skipping optimizer step %d: the accumulated gradients are not finite", self.step + 1)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.accumulated_samples = 0
         self.step += 1
@@ -162,7 +165,10 @@ class StageComputer:
         scale = 1.0 / max(total_samples, 1)
         for p, part in zip(params, _split(flat_sum, params)):
             p.grad = part.to(p.device, p.dtype).view_as(p).mul(scale)
-        self.optimizer.step()
+        if not _grads_finite(params):
+            logger.warning("skipping optimizer step %d: the averaged gradients are not finite", self.step + 1)
+        else:
+            self.optimizer.step()
         for p, grad in zip(params, pending):
             p.grad = grad
         self.step += 1
@@ -186,6 +192,12 @@ class StageComputer:
             if isinstance(t, torch.Tensor)
         )
         return 2 * params + state
+
+
+def _grads_finite(params) -> bool:
+    """Whether every gradient is finite: a non-finite one would make the parameters NaN for good,
+    so that step is skipped instead (the stage's step count still advances, like the replicas')."""
+    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
 
 
 def _split(flat: torch.Tensor, params) -> list[torch.Tensor]:

@@ -30,6 +30,10 @@ from swarmnet.telemetry import metrics
 logger = logging.getLogger(__name__)
 
 MAX_MICROBATCH_ID = 128
+MAX_ABS_VALUE = 1e6
+"""Largest magnitude accepted in activations and gradients. Real ones stay orders of magnitude
+below; finite but huge values (1e20) overflow inside the stage and would turn its loss and its
+accumulated gradients into NaN (found by fuzzing)."""
 
 
 class StageServing:
@@ -250,6 +254,8 @@ def _check_header(header: TensorHeader, spec: TensorSpec, what: str) -> None:
 def _check_finite(x: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise BadRequestError(f"{what} contains NaN or Inf")
+    if x.numel() and float(x.abs().max()) > MAX_ABS_VALUE:
+        raise BadRequestError(f"{what} has values beyond ±{MAX_ABS_VALUE:g}")
 
 
 def _check_tokens(x: torch.Tensor, vocab_size: int, what: str) -> None:
