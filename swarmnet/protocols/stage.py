@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -50,11 +50,12 @@ class ForwardRequest:
     targets: TensorHeader | None = None
     """Only for the last stage: compute the loss and its backward in this call."""
     reply_compression: str = "none"
-    order_key: str = ""
-    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`."""
-    seq: int = -1
+    order_key: str = field(default="", metadata={"omit_if_default": True})
+    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`. The
+    three order fields are left out when unused (the compatibility rule in `protocols/codec.py`)."""
+    seq: int = field(default=-1, metadata={"omit_if_default": True})
     """This call's place in the trainer's gradient-call order (see `swarmnet.peer.ordering`)."""
-    after: int = -1
+    after: int = field(default=-1, metadata={"omit_if_default": True})
     """The call the trainer sent to this peer before this one: applied first (-1: none)."""
 
 
@@ -73,11 +74,12 @@ class BackwardRequest:
     stage: int
     grad_output: TensorHeader
     reply_compression: str = "none"
-    order_key: str = ""
-    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`."""
-    seq: int = -1
+    order_key: str = field(default="", metadata={"omit_if_default": True})
+    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`. The
+    three order fields are left out when unused (the compatibility rule in `protocols/codec.py`)."""
+    seq: int = field(default=-1, metadata={"omit_if_default": True})
     """This call's place in the trainer's gradient-call order (see `swarmnet.peer.ordering`)."""
-    after: int = -1
+    after: int = field(default=-1, metadata={"omit_if_default": True})
     """The call the trainer sent to this peer before this one: applied first (-1: none)."""
 
 
