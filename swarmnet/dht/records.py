@@ -40,9 +40,17 @@ _verified_lock = threading.Lock()
 
 
 class RecordError(SwarmnetError):
-    """A DHT record is malformed, of the wrong type or version, or its signature is invalid."""
+    """A DHT record is malformed, of the wrong type or version, or its signature is invalid.
+
+    `reason` is the label it is counted under in `swarmnet_records_rejected_total`: `forged` (a
+    signature that does not hold), `replayed` (expired, stale or re-dated), `misplaced` (under a key
+    that does not hold its kind) or `malformed` (everything else)."""
 
     code = "bad_record"
+
+    def __init__(self, message: str, *, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,6 +234,6 @@ def _decode_record(blob: bytes) -> SignedRecord:
         raise RecordError("record expiration must be a finite float")
     signed = msgpack.packb(fields[:6], use_bin_type=True)
     if not verify_signature(peer_id, signed, signature):
-        raise RecordError(f"invalid signature on {kind} record claimed by {peer_id}")
+        raise RecordError(f"invalid signature on {kind} record claimed by {peer_id}", reason="forged")
     record = from_body(cls, body, RecordError, allow_unknown=True)
     return SignedRecord(key=key, peer_id=peer_id, expiration=expiration, record=record, blob=bytes(blob))

@@ -46,19 +46,20 @@ class SwarmnetRecordValidator(RecordValidatorBase):
             self._check_fresh(record)
             return True
         except RecordError as e:
-            reason = rejection_reason(e)
-            metrics.RECORDS_REJECTED.labels(reason=reason).inc()
-            logger.debug("refused DHT record (%s): %s", reason, e)
+            metrics.RECORDS_REJECTED.labels(reason=e.reason).inc()
+            logger.debug("refused DHT record (%s): %s", e.reason, e)
             return False
 
     def _check_fresh(self, record: DHTRecord) -> None:
         if record.expiration_time < get_dht_time():
-            raise RecordError("record has expired (a replayed old copy?)")
+            raise RecordError("record has expired (a replayed old copy?)", reason="replayed")
         slot = (record.key, record.subkey)
         with self._lock:
             newest = self._newest.get(slot, -math.inf)
             if record.expiration_time < newest:
-                raise RecordError(f"stale record: a newer one (expiring {newest:.1f}) was already seen")
+                raise RecordError(
+                    f"stale record: a newer one (expiring {newest:.1f}) was already seen", reason="replayed"
+                )
             self._newest[slot] = record.expiration_time
             self._newest.move_to_end(slot)
             while len(self._newest) > STALE_MEMORY:
@@ -72,18 +73,6 @@ class SwarmnetRecordValidator(RecordValidatorBase):
         return isinstance(other, SwarmnetRecordValidator)
 
 
-def rejection_reason(error: RecordError) -> str:
-    """The `reason` label of `swarmnet_records_rejected_total` for a refusal."""
-    text = str(error)
-    if "signature" in text or "signed for another" in text or "subkey is not its signer" in text:
-        return "forged"
-    if "stale" in text or "expired" in text or "expiration differs" in text:
-        return "replayed"
-    if "cannot live under" in text:
-        return "misplaced"
-    return "malformed"
-
-
 def check_dht_record(record: DHTRecord) -> None:
     """Raises `RecordError` unless `record` is a well-formed, correctly placed, signed record."""
     try:
@@ -95,10 +84,10 @@ def check_dht_record(record: DHTRecord) -> None:
         raise RecordError("value is not a signed swarmnet record")
     signed = decode_record(blob)
     if record_kind_for_key(signed.key) != type(signed.record).KIND:
-        raise RecordError(f"a {type(signed.record).KIND} record cannot live under {signed.key!r}")
+        raise RecordError(f"a {type(signed.record).KIND} record cannot live under {signed.key!r}", reason="misplaced")
     if DHTID.generate(source=signed.key).to_bytes() != record.key:
-        raise RecordError("record was signed for another key")
+        raise RecordError("record was signed for another key", reason="forged")
     if subkey != signed.peer_id:
-        raise RecordError("record subkey is not its signer's peer id")
+        raise RecordError("record subkey is not its signer's peer id", reason="forged")
     if record.expiration_time != signed.expiration:
-        raise RecordError("record expiration differs from the signed one")
+        raise RecordError("record expiration differs from the signed one", reason="replayed")

@@ -42,7 +42,20 @@ REQUEST_READ_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
-class ForwardRequest:
+class _Ordered:
+    """The order fields of both requests (gradient calls only; see `swarmnet.peer.ordering`)."""
+
+    order_key: str = field(default="", metadata={"omit_if_default": True})
+    """The trainer's ordering key (its session) for `seq` and `after`; the three fields are left
+    out when unused (the compatibility rule in `protocols/codec.py`)."""
+    seq: int = field(default=-1, metadata={"omit_if_default": True})
+    """This call's place in the trainer's gradient-call order (see `swarmnet.peer.ordering`)."""
+    after: int = field(default=-1, metadata={"omit_if_default": True})
+    """The call the trainer sent to this peer before this one: applied first (-1: none)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardRequest(_Ordered):
     run_id: str
     microbatch_id: str
     stage: int
@@ -50,13 +63,6 @@ class ForwardRequest:
     targets: TensorHeader | None = None
     """Only for the last stage: compute the loss and its backward in this call."""
     reply_compression: str = "none"
-    order_key: str = field(default="", metadata={"omit_if_default": True})
-    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`. The
-    three order fields are left out when unused (the compatibility rule in `protocols/codec.py`)."""
-    seq: int = field(default=-1, metadata={"omit_if_default": True})
-    """This call's place in the trainer's gradient-call order (see `swarmnet.peer.ordering`)."""
-    after: int = field(default=-1, metadata={"omit_if_default": True})
-    """The call the trainer sent to this peer before this one: applied first (-1: none)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,19 +74,12 @@ class ForwardReply:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BackwardRequest:
+class BackwardRequest(_Ordered):
     run_id: str
     microbatch_id: str
     stage: int
     grad_output: TensorHeader
     reply_compression: str = "none"
-    order_key: str = field(default="", metadata={"omit_if_default": True})
-    """Gradient calls only: the trainer's ordering key (its session) for `seq` and `after`. The
-    three order fields are left out when unused (the compatibility rule in `protocols/codec.py`)."""
-    seq: int = field(default=-1, metadata={"omit_if_default": True})
-    """This call's place in the trainer's gradient-call order (see `swarmnet.peer.ordering`)."""
-    after: int = field(default=-1, metadata={"omit_if_default": True})
-    """The call the trainer sent to this peer before this one: applied first (-1: none)."""
 
 
 @dataclass(frozen=True, kw_only=True)
