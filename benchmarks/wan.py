@@ -3,7 +3,8 @@ RTT links, with and without activation compression.
 
     python benchmarks/wan.py [--run coordinator/runs/demo.toml] [--compressions none,int8]
                              [--seconds 30] [--warmup-seconds 8] [--slice-seconds 4]
-                             [--peers-per-stage 1] [--workdir DIR] [--smoke]
+                             [--peers-per-stage 1] [--staleness 0] [--max-in-flight N]
+                             [--workdir DIR] [--smoke]
                              [--out benchmarks/results/wan.json]
 
 For each compression (the manifest's `[network] compression`), two copies of one swarm —
@@ -182,7 +183,9 @@ class Contender:
         return values
 
 
-def start_swarms(contenders: list[Contender], peers_per_stage: int, stack: contextlib.ExitStack) -> None:
+def start_swarms(
+    contenders: list[Contender], peers_per_stage: int, stack: contextlib.ExitStack, max_in_flight: int | None = None
+) -> None:
     """Coordinators, then peers, then trainers of all contenders; returns once every trainer has
     finished a step. Every process and helper is stopped when `stack` closes, thawed first."""
     for c in contenders:
@@ -203,8 +206,12 @@ def start_swarms(contenders: list[Contender], peers_per_stage: int, stack: conte
         for peer in c.peers:
             peer.wait_event("ready", STARTUP_TIMEOUT)
         where = c.placed(1 + len(stages))
+        profile = []
+        if max_in_flight is not None:
+            (c.swarm.workdir / "trainer.toml").write_text(f"max_in_flight = {max_in_flight}\n")
+            profile = ["--profile", str(c.swarm.workdir / "trainer.toml")]
         c.trainer = c.swarm.spawn("trainer", "train", "--initial-peers", *c.swarm.initial_peers, "--host", where["host"],
-                                  wrap=where["wrap"])
+                                  *profile, wrap=where["wrap"])
     for c in contenders:
         c.trainer.wait_event("step", STARTUP_TIMEOUT + STEP_TIMEOUT)
         fetchers: dict[int, Fetcher] = {}
@@ -296,7 +303,7 @@ def measure(manifests: list[tuple[RunManifest, wan_kit.EmulatedWan | None]], arg
         for manifest, wan in manifests:
             where = Path(args.workdir) / f"{'wan' if wan else 'loopback'}-{manifest.run_id}" if args.workdir else None
             contenders.append(Contender(manifest=manifest, swarm=LocalSwarm(manifest, workdir=where), wan=wan))
-        start_swarms(contenders, args.peers_per_stage, stack)
+        start_swarms(contenders, args.peers_per_stage, stack, args.max_in_flight)
         wan = next((c.wan for c in contenders if c.wan), None)
         cpu, forwarder = machine_cpu(), wan.stats() if wan else None
         take_turns(contenders, args)
@@ -350,6 +357,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-seconds", type=float, default=8.0, help="running time of each swarm not measured")
     parser.add_argument("--slice-seconds", type=float, default=4.0, help="turn length (keep well under call_timeout)")
     parser.add_argument("--peers-per-stage", type=int, default=1)
+    parser.add_argument("--staleness", type=int, default=0, choices=(0, 1),
+                        help="the manifest's training.max_staleness (1: delayed parameter updates)")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="the trainers' max_in_flight (default: the trainer profile's default)")
     parser.add_argument("--workdir", default=None, help="keep the processes' logs here (default: temp dirs, removed)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one short WAN swarm: does it work at all")
     parser.add_argument("--out", default="benchmarks/results/wan.json")
@@ -368,6 +379,8 @@ def main() -> None:
         print(f"cannot emulate a WAN here: {reason}", file=sys.stderr)
         sys.exit(UNAVAILABLE_EXIT)
     base = tiny_manifest("wan-smoke") if args.smoke else load_manifest(args.run)
+    if args.staleness:
+        base = dataclasses.replace(base, training=dataclasses.replace(base.training, max_staleness=args.staleness))
     link = wan_kit.LinkSpec()
     started = time.monotonic()
     result: dict[str, Any] = {
@@ -378,7 +391,7 @@ def main() -> None:
         "smoke": args.smoke,
         "run": "smoke" if args.smoke else args.run,
         "link": dataclasses.asdict(link),
-        **{k: getattr(args, k) for k in ("seconds", "warmup_seconds", "slice_seconds", "peers_per_stage")},
+        **{k: getattr(args, k) for k in ("seconds", "warmup_seconds", "slice_seconds", "peers_per_stage", "staleness", "max_in_flight")},
     }
     if not args.smoke:
         result["forwarder_ceiling"] = forwarder_ceiling(3.0)

@@ -144,8 +144,17 @@ class TrainingConfig:
     """Samples accumulated by a stage before it takes an optimizer step."""
     seed: int = 0
     """Seeds the model initialization and the data order."""
+    max_staleness: int = field(default=0, metadata={"omit_if_default": True})
+    """Optimizer steps that may run at once in the trainer's pipeline, minus one. 0: a step's
+    microbatches start after the previous step's finished, so every gradient is computed on the
+    parameters it is applied to and a swarm computes exactly what `train --local` does. 1: delayed
+    parameter updates: step k+1's microbatches enter the pipeline while step k's finish, so some of
+    their forwards run on parameters one step old. That hides the step barrier (about two round
+    trips per step) on slow links, at a cost in the loss measured in docs/benchmarks.md."""
 
     def __post_init__(self) -> None:
+        if self.max_staleness not in (0, 1):
+            raise ConfigError("training.max_staleness must be 0 (synchronous) or 1 (delayed updates)")
         if self.num_stages < 1:
             raise ConfigError("training.num_stages must be >= 1")
         if self.microbatch_size < 1 or self.seq_len < 1:

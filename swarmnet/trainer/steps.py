@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -70,19 +71,31 @@ class StepRunner(ABC):
     async def train(
         self, *, stop: asyncio.Event | None = None, on_step: Callable[[StepReport], Awaitable[None]] | None = None
     ) -> TrainingSummary:
+        """Runs steps until `max_steps`, `max_seconds` or `stop`. With `training.max_staleness` 1,
+        the next step's microbatches start while the current step's finish (one shared
+        `max_in_flight` window); steps are still reported in order, each when it completes."""
         per_step = self.manifest.microbatches_per_step
         max_steps, max_seconds = self.config.max_steps, self.config.max_seconds
-        first_step = step = await self.start_step()
-        start = time.monotonic()
+        overlap = self.manifest.training.max_staleness
+        gate = asyncio.Semaphore(self.config.max_in_flight)
+        first_step = started = await self.start_step()
+        step = first_step
+        start = last_done = time.monotonic()
         reports: list[StepReport] = []
         total_samples = dropped_total = 0
-        while (max_steps is None or step - first_step < max_steps) and not (stop is not None and stop.is_set()):
-            if max_seconds is not None and time.monotonic() - start >= max_seconds:
-                break
-            step_start = time.monotonic()
-            losses, dropped, slowest = await self._run_step(
-                [self.data.microbatch(step * per_step + i) for i in range(per_step)]
-            )
+        running: deque[asyncio.Task[tuple[list[float], int, float]]] = deque()
+
+        def more() -> bool:
+            if max_steps is not None and started - first_step >= max_steps:
+                return False
+            if stop is not None and stop.is_set():
+                return False
+            return max_seconds is None or time.monotonic() - start < max_seconds
+
+        async def finish_oldest() -> None:
+            nonlocal step, total_samples, dropped_total, last_done
+            losses, dropped, slowest = await running[0]
+            running.popleft()
             step += 1
             samples = len(losses) * self.manifest.training.microbatch_size
             total_samples += samples
@@ -93,11 +106,12 @@ class StepRunner(ABC):
                 loss=sum(losses) / len(losses) if losses else math.nan,
                 samples=samples,
                 dropped=dropped,
-                step_seconds=now - step_start,
+                step_seconds=now - last_done,
                 samples_per_s=total_samples / max(now - start, 1e-9),
                 elapsed=now - start,
                 slowest_microbatch_s=slowest,
             )
+            last_done = now
             reports.append(report)
             metrics.TRAINER_SAMPLES.inc(samples)
             metrics.TRAINER_STEP.set(step)
@@ -107,6 +121,23 @@ class StepRunner(ABC):
                 metrics.TRAINER_LOSS.set(report.loss)
             if on_step is not None:
                 await on_step(report)
+
+        try:
+            while True:
+                while len(running) > overlap:
+                    await finish_oldest()
+                if not more():
+                    break
+                microbatches = [self.data.microbatch(started * per_step + i) for i in range(per_step)]
+                running.append(asyncio.create_task(self._run_step(microbatches, gate)))
+                started += 1
+            while running:
+                await finish_oldest()
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
         elapsed = time.monotonic() - start
         finite = [r.loss for r in reports if math.isfinite(r.loss)]
         return TrainingSummary(
@@ -119,10 +150,11 @@ class StepRunner(ABC):
             elapsed=elapsed,
         )
 
-    async def _run_step(self, microbatches: list[Microbatch]) -> tuple[list[float], int, float]:
-        """Runs one step's microbatches; returns their losses, how many were dropped, and the
-        longest time one of them took."""
-        gate = asyncio.Semaphore(self.config.max_in_flight)
+    async def _run_step(
+        self, microbatches: list[Microbatch], gate: asyncio.Semaphore
+    ) -> tuple[list[float], int, float]:
+        """Runs one step's microbatches, at most `gate`'s count of them (of any step) at once;
+        returns their losses, how many were dropped, and the longest time one of them took."""
         losses: dict[int, float] = {}
         dropped = 0
         slowest = 0.0

@@ -1,9 +1,11 @@
 """The swarm trainer: drives microbatches through the stages and back, over the network.
 
-Each optimizer step's microbatches run with up to `max_in_flight` in the pipeline at once; a step
-starts after the previous step's microbatches completed (or were dropped), so no gradient is ever
-computed against parameters a step older than the ones it is applied to: the swarm computes exactly
-what `swarmnet train --local` computes.
+Each optimizer step's microbatches run with up to `max_in_flight` in the pipeline at once. By
+default a step starts after the previous step's microbatches completed (or were dropped), so no
+gradient is ever computed against parameters a step older than the ones it is applied to: the swarm
+computes exactly what `swarmnet train --local` computes. With the manifest's `training.max_staleness
+= 1` (delayed parameter updates) the next step's microbatches enter the pipeline while the current
+step's finish (`swarmnet.trainer.steps`), which hides the step barrier's round trips on slow links.
 
 Routing is stochastic wiring (`swarmnet.pipeline.routing`) with one finite retry/backoff/ban policy
 (`swarmnet.pipeline.retry`). If a backward fails, the trainer replays that stage's forward on a

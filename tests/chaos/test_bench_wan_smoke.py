@@ -58,7 +58,9 @@ def test_wan_benchmark_smoke(tmp_path, wan_unavailable):
         pytest.skip(f"WAN emulation: {wan_unavailable}")
     out, logs = tmp_path / "wan.json", tmp_path / "swarm"
     bench = subprocess.Popen(
-        [sys.executable, "benchmarks/wan.py", "--smoke", "--out", str(out), "--workdir", str(logs)],
+        # Delayed parameter updates and a two-step window: the settings the WAN figures recommend.
+        [sys.executable, "benchmarks/wan.py", "--smoke", "--staleness", "1", "--max-in-flight", "8",
+         "--out", str(out), "--workdir", str(logs)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -73,6 +75,7 @@ def test_wan_benchmark_smoke(tmp_path, wan_unavailable):
     result = json.loads(out.read_text())
     assert KEYS <= result.keys(), KEYS - result.keys()
     assert result["benchmark"] == "wan" and result["smoke"]
+    assert result["staleness"] == 1 and result["max_in_flight"] == 8, result
     for direction, measured in result["emulation_check"].items():
         assert measured["rtt_min_ms"] >= 40, (direction, measured)
     (row,) = result["configs"]

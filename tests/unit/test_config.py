@@ -139,6 +139,7 @@ FIELD_CHANGES = {
     ("training", "seq_len"): 8,
     ("training", "target_batch_size"): 24,
     ("training", "seed"): 8,
+    ("training", "max_staleness"): 1,
 }
 
 
