@@ -202,6 +202,9 @@ class FramedStream:
         self.on_close: Callable[[FramedStream, bool], Awaitable[None]] | None = None
         """Set by a connection pool: called by `close` instead of closing the transport, with
         whether the call `completed` cleanly (then the connection may carry another call)."""
+        self.serving = False
+        """Server side (set by `serve_request`): an error frame from the client is a protocol
+        violation, not an error of ours to report back with the client's chosen code."""
         self._completed = False
         self._sent = metrics.TRANSFERRED_BYTES.labels(self.protocol, "sent")
         self._received = metrics.TRANSFERRED_BYTES.labels(self.protocol, "received")
@@ -282,7 +285,7 @@ class FramedStream:
         """Reads one message of one of the `expected` types; raises the typed error on an ERROR frame."""
         kind, payload = await self._read_frame()
         if kind == ERROR:
-            raise decode_error(payload, self.peer)
+            raise self._error_from(payload)
         if kind != MESSAGE:
             raise ProtocolError("expected a message frame")
         try:
@@ -296,6 +299,12 @@ class FramedStream:
                 return from_body(cls, body, ProtocolError)
         raise ProtocolError(f"unexpected message {name!r}, expected {[c.__name__ for c in expected]}")
 
+    def _error_from(self, payload: bytes) -> SwarmnetError:
+        """The typed error an ERROR frame carries; on a server, a `ProtocolError` instead."""
+        if self.serving:
+            return ProtocolError("the client sent an error frame instead of its request")
+        return decode_error(payload, self.peer)
+
     async def receive_raw(self, buffer: memoryview) -> None:
         """Fills `buffer` from CHUNK frames (straight into it: no intermediate copy on a direct
         connection); raises the typed error if the peer sends an error frame instead."""
@@ -305,7 +314,7 @@ class FramedStream:
             if kind == ERROR:
                 payload = bytearray(length)
                 await self._read_payload_into(memoryview(payload))
-                raise decode_error(bytes(payload), self.peer)
+                raise self._error_from(bytes(payload))
             if kind != CHUNK:
                 raise ProtocolError("expected a data chunk")
             if received + length > len(buffer):
@@ -387,6 +396,7 @@ async def serve_request(stream: FramedStream, serve: Callable[[], Awaitable[None
     client = stream.peer
     started = time.perf_counter()
     outcome = "ok"
+    stream.serving = True
     try:
         await serve()
     except SwarmnetError as e:

@@ -28,8 +28,10 @@ from swarmnet.protocols.framing import (
     FramedStream,
     TensorHeader,
     header_for,
+    serve_request,
 )
 from swarmnet.protocols.stage import BackwardReply, BackwardRequest, ForwardReply, ForwardRequest
+from swarmnet.testing.memstream import frames
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -328,6 +330,21 @@ def test_internal_errors_do_not_leak_their_message():
 def test_an_error_frame_instead_of_a_chunk_raises_it():
     with pytest.raises(PeerBusyError):
         receive_tensor(frame(ERROR, msgpack.packb(["busy", "later"])), HEADER)
+
+
+def test_a_server_refuses_an_error_frame_instead_of_echoing_its_code():
+    """A client that sends an error frame as its request gets `bad_request` (a protocol
+    violation), not the error code it chose, and the refusal is counted as such."""
+
+    async def go() -> tuple[str, list]:
+        stream = reader_of(frame(ERROR, msgpack.packb(["busy", "echo me"])))
+        outcome = await serve_request(stream, lambda: stream.receive_message(ForwardRequest), what="stage")
+        return outcome, frames(stream.io.writer.data)
+
+    outcome, answer = run(go())
+    assert outcome == ProtocolError.code
+    (kind, payload), = answer
+    assert kind == ERROR and msgpack.unpackb(payload)[0] == ProtocolError.code
 
 
 @pytest.mark.parametrize("payload", [b"\xc1", msgpack.packb("just a string"), msgpack.packb([1, 2, 3])])
