@@ -10,7 +10,7 @@ Every member opens one connection to every other member and speaks on it, in thi
 2. its contribution to the receiver's part (raw float32 bytes, size implied by `numel`);
 3. the reduced part it owns, once it has summed everyone's contributions in member order (or, with
    `centered_clip`, aggregated them robustly: `robust.py`; the wire is the same);
-4. `Done{round_id, checksum}`: a sha256 over the size, the total weight and a CRC-32 of every part
+4. `Done{round_id, checksum}`: a sha256 over the size, the total weight and an xxh3-64 of every part
    of the reduced tensor as this member holds it (see `PartDigest`).
 
 A member returns only after every other member reported the checksum it computed itself, so a

@@ -8,20 +8,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import torch
+import xxhash
 
 from swarmnet.errors import ProtocolError, SwarmnetError
 from swarmnet.protocols.codec import from_body, to_body
 from swarmnet.protocols.framing import ERROR, MAX_MESSAGE_BYTES, MESSAGE
 from swarmnet.telemetry import metrics
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: part digests are xxh3-64 (1: CRC-32); members of different versions refuse each other's hello."""
 PENDING_TIMEOUT = 10.0
 """How long the server holds a connection for a round that is not open yet."""
 HELLO_TIMEOUT = 10.0
@@ -137,23 +138,24 @@ class Done:
 
 
 class PartDigest:
-    """CRC-32 of a part's bytes, fed piece by piece (zlib releases the GIL on large pieces).
+    """xxh3-64 of a part's bytes, fed piece by piece (xxhash releases the GIL while hashing).
 
-    The round checksum hashes every part's CRC with sha256, so it covers every byte of the result.
-    CRC-32 catches any accidental difference (missing, stale, misplaced or partial data) except with
-    probability 2^-32; it is no defence against a member forging data on purpose (neither is
-    averaging: such a member can send any contribution). Chosen over sha256 for speed: on the
-    benchmark (4 peers on 2 cores, 100 MB) a sha256 of every byte costs 0.15 s per round, CRC-32 0.06 s.
+    The round checksum hashes every part's digest with sha256, so it covers every byte of the
+    result. A 64-bit hash catches any accidental difference (missing, stale, misplaced or partial
+    data) except with probability 2^-64; it is no defence against a member forging data on purpose
+    (neither is averaging: such a member can send any contribution). Chosen for speed: 100 MB
+    hash in 0.005 s here, against 0.035 s for CRC-32 (the digest of protocol version 1) and
+    ≈ 0.15 s for sha256; on 2 cores every CPU-second of the round is wall time.
     """
 
     def __init__(self) -> None:
-        self.value = 0
+        self._hash = xxhash.xxh3_64()
 
     def update(self, data: memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
+        self._hash.update(data)
 
     def digest(self) -> bytes:
-        return self.value.to_bytes(4, "big")
+        return self._hash.digest()
 
 
 def group_digest(members: Sequence[Member]) -> str:
