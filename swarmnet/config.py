@@ -8,6 +8,7 @@ its hash is the run id. Peer and trainer profiles are local choices of one volun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 import tomllib
@@ -454,11 +455,17 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+@functools.cache
+def _hints(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """A config class's type hints and field names, computed once: `get_type_hints` is slow, and
+    manifests are parsed from the network (every manifest record a process reads)."""
+    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _from_plain(cls: type, data: Mapping[str, Any], where: str):
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints, known = _hints(cls)
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(map(repr, unknown))}")

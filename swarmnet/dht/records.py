@@ -35,7 +35,11 @@ VERIFIED_CACHE_SIZE = 4096
 """Records already parsed and verified, by their exact bytes. A DHT get sees the same records again
 in every node's answer, and hivemind validates each answer record by record: without the cache a
 get of a key with 32 subkeys spends most of its CPU re-checking signatures (P9 benchmark)."""
+VERIFIED_CACHE_BYTES = 16 * 1024 * 1024
+"""...and at most this many bytes of them (records may be up to `MAX_RECORD_BYTES`; most are a few
+hundred bytes, so the entry bound is the one that normally applies)."""
 _verified: OrderedDict[bytes, "SignedRecord"] = OrderedDict()
+_verified_bytes = 0
 _verified_lock = threading.Lock()
 
 
@@ -198,7 +202,7 @@ def encode_record(identity: Identity, key: str, record: Any, expiration: float) 
 
 def decode_record(blob: bytes) -> SignedRecord:
     """Parses and verifies a record. Raises `RecordError` on any defect. The same bytes always give
-    the same answer, so valid records are remembered (`VERIFIED_CACHE_SIZE`)."""
+    the same answer, so valid records are remembered (`VERIFIED_CACHE_SIZE`, `VERIFIED_CACHE_BYTES`)."""
     if not isinstance(blob, (bytes, bytearray)) or len(blob) > MAX_RECORD_BYTES:
         raise RecordError("record is not bytes or too large")
     blob = bytes(blob)
@@ -208,10 +212,13 @@ def decode_record(blob: bytes) -> SignedRecord:
             _verified.move_to_end(blob)
             return known
     signed = _decode_record(blob)
+    global _verified_bytes
     with _verified_lock:
-        _verified[blob] = signed
-        while len(_verified) > VERIFIED_CACHE_SIZE:
-            _verified.popitem(last=False)
+        if blob not in _verified:
+            _verified[blob] = signed
+            _verified_bytes += len(blob)
+        while len(_verified) > VERIFIED_CACHE_SIZE or _verified_bytes > VERIFIED_CACHE_BYTES:
+            _verified_bytes -= len(_verified.popitem(last=False)[0])
     return signed
 
 

@@ -246,6 +246,17 @@ def test_verified_records_are_remembered_and_tampered_copies_still_refused(blob)
     assert decode_record(blob) is first
 
 
+def test_the_verified_record_cache_is_bounded_in_bytes(identity, monkeypatch):
+    from swarmnet.dht import records
+
+    monkeypatch.setattr(records, "VERIFIED_CACHE_BYTES", 4000)
+    key, record = PLACED["stage_server"]
+    for i in range(40):
+        decode_record(encode_record(identity, key, record, EXPIRATION + i))
+    assert 0 < records._verified_bytes <= 4000
+    assert records._verified_bytes == sum(len(b) for b in records._verified)
+
+
 def test_flipping_a_byte_of_the_signature_breaks_it(blob):
     with pytest.raises(RecordError, match="signature"):
         decode_record(blob[:-1] + bytes([blob[-1] ^ 0x01]))
