@@ -20,9 +20,10 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmnet.dht.identity import Identity
+from swarmnet.dht.lookup import read_latest
 from swarmnet.dht.records import MEMBER_KINDS, RecordError, SignedRecord, decode_record, encode_record
 from swarmnet.dht.validator import SwarmnetRecordValidator
-from swarmnet.errors import ConfigError
+from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.protocols import access
 from swarmnet.protocols.direct import DirectClient
 from swarmnet.telemetry import events, metrics
@@ -36,19 +37,21 @@ a dead connection indefinitely; callers treat a TimeoutError like any failed DHT
 
 
 DHT_BEAM = 6
-"""Nodes a store or get traversal visits nearest to its key before it stops. hivemind's default
-is its bucket size, 20: a get with `latest=True` (ours: records are refreshed by heartbeats, and a
-stage key collects every stage peer's subkey from several replicas) cannot stop at the first copy
-it finds, so each get visited 20+ nodes, a sixth of a 128-node swarm. Records are stored on the 5
-nodes nearest their key (`num_replicas`), which a beam of 6 still visits (a dead one is skipped
-and the next nearest taken). At 128 peers on one host this took the p50 get from 60 to 25 ms and
-burst success from 57-94 % to 100 % (DHT section of docs/benchmarks.md)."""
+"""Nodes a store or get traversal considers nearest to its key. hivemind's default is its bucket
+size, 20, and its `latest=True` get cannot stop at the first copy it finds, so each get visited 20+
+nodes, a sixth of a 128-node swarm. Records are stored on the 5 nodes nearest their key
+(`num_replicas`), which a beam of 6 still covers (a dead node is skipped and the next nearest
+taken); our get (`swarmnet.dht.lookup`) also stops once 3 replicas answered. At 128 peers on one
+host: p50 get 60 -> 18 ms, burst success 57-94 % -> 100 % (DHT section of docs/benchmarks.md)."""
 DHT_WORKERS = 4
 """Concurrent RPCs of one traversal (8 measured slower: more RPCs per get on a busy host)."""
 P2PD_STARTUP_TIMEOUT = 30.0
 P2PD_START_ATTEMPTS = 3
 """p2pd that does not come up in time (an overloaded host) is stopped and started again, this many
 times in all, before the process gives up."""
+BOOTSTRAP_ATTEMPTS = 3
+"""Starts of the DHT node (each with a fresh p2pd) when none of the initial peers answered its
+ping: `SwarmError` after the last."""
 
 ROUTING_WATCH_PERIOD = 5.0
 ROUTING_MIN_NODES = 3
@@ -56,6 +59,33 @@ ROUTING_MIN_NODES = 3
 ROUTING_MAX_PINGS = 8
 ROUTING_FORGET_AFTER = 24
 """Failed re-pings in a row (about two minutes) after which a node is taken for gone."""
+
+
+async def _start_p2pd(identity: Identity, initial_peers: list[str], host: str, port: int) -> P2P:
+    for attempt in range(P2PD_START_ATTEMPTS):
+        try:
+            return await P2P.create(
+                initial_peers=initial_peers,
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                identity_path=str(identity.path),
+                # hivemind's "is this identity taken" probe only reads RSA keys, and a restarted
+                # coordinator re-attaching under its own identity is exactly what we want.
+                check_if_identity_free=False,
+                # Local swarms and LANs: no UPnP probing or relays unless asked for.
+                nat_port_map=False,
+                use_relay=False,
+                auto_nat=False,
+                startup_timeout=P2PD_STARTUP_TIMEOUT,
+            )
+        except P2PDaemonError as e:
+            # hivemind stops a daemon that missed its start-up deadline; anything else (a missing
+            # binary, a taken port) will not get better by trying again.
+            if "failed to start in" not in str(e) or attempt + 1 == P2PD_START_ATTEMPTS:
+                raise ConfigError(f"could not start the libp2p host: {e}") from e
+            logger.warning("p2pd did not start in %.0f s (a busy host?); trying again", P2PD_STARTUP_TIMEOUT)
+        except Exception as e:  # hivemind raises ValueError, OSError...
+            raise ConfigError(f"could not start the libp2p host: {e}") from e
+    raise AssertionError("unreachable")
 
 
 class SwarmDHT:
@@ -92,41 +122,29 @@ class SwarmDHT:
     ) -> "SwarmDHT":
         """Starts p2pd and the DHT node; `initial_peers` empty starts a new swarm."""
         initial_peers = list(initial_peers)
-        for attempt in range(P2PD_START_ATTEMPTS):
+        for attempt in range(BOOTSTRAP_ATTEMPTS):
+            p2p = await _start_p2pd(identity, initial_peers, host, port)
             try:
-                p2p = await P2P.create(
+                node = await DHTNode.create(
+                    p2p=p2p,
                     initial_peers=initial_peers,
-                    host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                    identity_path=str(identity.path),
-                    # hivemind's "is this identity taken" probe only reads RSA keys, and a restarted
-                    # coordinator re-attaching under its own identity is exactly what we want.
-                    check_if_identity_free=False,
-                    # Local swarms and LANs: no UPnP probing or relays unless asked for.
-                    nat_port_map=False,
-                    use_relay=False,
-                    auto_nat=False,
-                    startup_timeout=P2PD_STARTUP_TIMEOUT,
+                    record_validator=SwarmnetRecordValidator(),
+                    client_mode=client_mode,
+                    num_workers=DHT_WORKERS,
                 )
                 break
-            except P2PDaemonError as e:
-                # hivemind stops a daemon that missed its start-up deadline; anything else (a
-                # missing binary, a taken port) will not get better by trying again.
-                if "failed to start in" not in str(e) or attempt + 1 == P2PD_START_ATTEMPTS:
-                    raise ConfigError(f"could not start the libp2p host: {e}") from e
-                logger.warning("p2pd did not start in %.0f s (a busy host?); trying again", P2PD_STARTUP_TIMEOUT)
-            except Exception as e:  # hivemind raises ValueError, OSError...
-                raise ConfigError(f"could not start the libp2p host: {e}") from e
-        try:
-            node = await DHTNode.create(
-                p2p=p2p,
-                initial_peers=initial_peers,
-                record_validator=SwarmnetRecordValidator(),
-                client_mode=client_mode,
-                num_workers=DHT_WORKERS,
-            )
-        except BaseException:
-            await p2p.shutdown()
-            raise
+            except RuntimeError as e:
+                await p2p.shutdown()
+                # hivemind pings the initial peers with a 3 s deadline, which an overloaded host
+                # (or one whose bootstrap peer is busy) can miss; anything else is a bug.
+                if "bootstrap failed" not in str(e):
+                    raise
+                if attempt + 1 == BOOTSTRAP_ATTEMPTS:
+                    raise SwarmError(f"none of the initial peers answered ({', '.join(initial_peers)})") from e
+                logger.warning("no initial peer answered the DHT's ping; trying again")
+            except BaseException:
+                await p2p.shutdown()
+                raise
         dht = cls(identity, p2p, node, initial_peers)
         # As early as possible, for a supervisor that may SIGKILL us before we are ready.
         events.emit("p2pd", sockets=dht.p2pd_sockets())
@@ -185,11 +203,11 @@ class SwarmDHT:
         private run, without the records of non-members."""
         with _timed("get"):
             async with asyncio.timeout(DHT_OP_TIMEOUT):
-                found = await self.node.get(key, latest=True, beam_size=DHT_BEAM)
-        if found is None or not isinstance(found.value, dict):
+                found = await read_latest(self.node, key, beam=DHT_BEAM, parallel=DHT_WORKERS)
+        if not found:
             return []
         records = []
-        for subkey, item in found.value.items():
+        for subkey, item in found.items():
             try:
                 signed = decode_record(item.value)
             except RecordError as e:  # our own cache may hold what a validator never saw
