@@ -229,6 +229,20 @@ async def recv_message(sock: socket.socket, cls: type | tuple[type, ...]) -> Any
     raise ProtocolError(f"expected {'/'.join(c.__name__ for c in classes)}, got {first!r}")
 
 
+async def connect(host: str, port: int) -> socket.socket:
+    """A tuned, non-blocking TCP connection to a member's all-reduce server (closed on failure)."""
+    loop = asyncio.get_running_loop()
+    family, kind, proto, _, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        tune(sock)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):

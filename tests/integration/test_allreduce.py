@@ -19,7 +19,8 @@ import msgpack
 import pytest
 import torch
 
-import swarmnet.averaging.allreduce as ar
+import swarmnet.averaging.rounds as rnd
+from swarmnet.averaging import wire
 from swarmnet.averaging.allreduce import AllReduceServer, AveragingError, Member, all_reduce
 from swarmnet.averaging.wire import Hello, group_digest, hello_transcript
 from swarmnet.protocols.codec import to_body
@@ -97,7 +98,7 @@ async def timed(coro) -> tuple[object, float]:
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("numel", [0, 1, 3, 7, 1001, 2 * ar.CHUNK_ELEMENTS + 3])
+@pytest.mark.parametrize("numel", [0, 1, 3, 7, 1001, 2 * wire.CHUNK_ELEMENTS + 3])
 def test_sums_are_exact_and_identical_on_every_member(n, numel):
     tensors = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(n)]
     copies = [t.clone() for t in tensors]
@@ -221,19 +222,19 @@ def test_member_without_a_server_fails_everyone_quickly():
 def test_member_crashing_mid_round_fails_everyone_and_nobody_returns_a_partial_sum(monkeypatch):
     victim = 1
     sent_half = threading.Event()
-    original = ar._Round._send_data
+    original = rnd.Round._send_data
 
     def send_half_then_hang(self, sock, j):  # worker thread of the victim's round
         if self.me != victim:
             return original(self, sock, j)
         start, end = self.bounds[j]
-        view = ar.tensor_view(self.flat[start:end])
+        view = wire.tensor_view(self.flat[start:end])
         sock.sendall(view[: len(view) // 2])
         sent_half.set()
         self._wait(threading.Event())  # until the crash stops this round
 
-    monkeypatch.setattr(ar._Round, "_send_data", send_half_then_hang)
-    numel = 3 * ar.CHUNK_ELEMENTS
+    monkeypatch.setattr(rnd.Round, "_send_data", send_half_then_hang)
+    numel = 3 * wire.CHUNK_ELEMENTS
 
     async def main():
         async with servers(3) as started:
@@ -385,12 +386,12 @@ def _process_member(index: int, victim: int, numel: int, pipe, results, sent_hal
 
         def send_half_then_hang(self, sock, j):
             start, end = self.bounds[j]
-            view = ar.tensor_view(self.flat[start:end])
+            view = wire.tensor_view(self.flat[start:end])
             sock.sendall(view[: len(view) // 2])
             sent_half.set()
             threading.Event().wait()  # stalls until the test SIGKILLs this process
 
-        ar._Round._send_data = send_half_then_hang
+        rnd.Round._send_data = send_half_then_hang
 
     async def main():
         async with await AllReduceServer.create() as server:

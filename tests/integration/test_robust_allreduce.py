@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-import swarmnet.averaging.allreduce as ar
+from swarmnet.averaging import wire
 from swarmnet.averaging.allreduce import Member, all_reduce_round
 from swarmnet.averaging.robust import ClipOptions
 from swarmnet.averaging.wire import AveragingError, Hello, group_digest
@@ -27,7 +27,7 @@ def _outliers_counted(peer: str) -> float:
     ("n", "numel"),
     [
         pytest.param(4, 10_007, id="4-members"),
-        pytest.param(3, 3 * ar.CHUNK_ELEMENTS + 7, id="parts-of-2-chunks"),
+        pytest.param(3, 3 * wire.CHUNK_ELEMENTS + 7, id="parts-of-2-chunks"),
     ],
 )
 def test_centered_clip_resists_a_poisoned_member_and_reports_it(n, numel):

@@ -42,7 +42,7 @@ from hivemind.dht.validation import DHTRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarmnet.averaging import allreduce, wire
+from swarmnet.averaging import allreduce, rounds, wire
 from swarmnet.averaging.state import StateSnapshot, TensorEntry, compute_digest, decode_header, encode_header
 from swarmnet.config import AccessConfig, ModelConfig, MoEConfig, PeerConfig, RunManifest, TrainingConfig
 from swarmnet.dht import keys, records
@@ -764,7 +764,7 @@ class Peer:
         self.stage[0].register_direct(self.endpoint)
         self.state.register_direct(self.endpoint)
         self.port.identity = SERVER  # rounds admit only hellos signed by the member they claim
-        self.round = allreduce._Round(ROUND, MEMBERS, 0, torch.zeros(8), 1.0, torch.empty(8), identity=SERVER)
+        self.round = rounds.Round(ROUND, MEMBERS, 0, torch.zeros(8), 1.0, torch.empty(8), identity=SERVER)
         self.port._open(self.round)
 
     async def _snapshot(self) -> StateSnapshot:

@@ -41,7 +41,7 @@ def _aggregate(contributions: torch.Tensor, weights, **kwargs):
 
 
 def _old_reduce(terms: list[torch.Tensor]) -> torch.Tensor:
-    """The reduction loop of `allreduce._Round._reduce_data` before `sum_into` replaced it."""
+    """The reduction loop of `rounds.Round._reduce_data` before `sum_into` replaced it."""
     total = torch.empty_like(terms[0])
     for k in range(len(terms)):
         if k == 0:
