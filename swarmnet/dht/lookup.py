@@ -28,7 +28,7 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord
-from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils import ValueWithExpiration
 
 ENOUGH_REPLICAS = 3
 
@@ -48,11 +48,10 @@ class _Merged:
         return True
 
     def result(self, key_id: DHTID, protocol: DHTProtocol) -> dict[Any, ValueWithExpiration] | None:
-        """Deserialized like hivemind's own search result: subkey -> (value, expiration)."""
-        now, out = get_dht_time(), {}
+        """Deserialized like hivemind's own search result: subkey -> (value, expiration); expired
+        subkeys were never stored or are dropped by `items()` (hivemind's `TimedStorage`)."""
+        out = {}
         for subkey, (value_bytes, expiration) in self.entries.items():
-            if expiration <= now:
-                continue
             if protocol.record_validator is not None:
                 record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), value_bytes, expiration)
                 value_bytes = protocol.record_validator.strip_value(record)

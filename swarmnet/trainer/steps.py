@@ -79,10 +79,9 @@ class StepRunner(ABC):
         overlap = self.manifest.training.max_staleness
         gate = asyncio.Semaphore(self.config.max_in_flight)
         first_step = started = await self.start_step()
-        step = first_step
         start = last_done = time.monotonic()
         reports: list[StepReport] = []
-        total_samples = dropped_total = 0
+        total_samples = 0
         running: deque[asyncio.Task[tuple[list[float], int, float]]] = deque()
 
         def more() -> bool:
@@ -93,13 +92,12 @@ class StepRunner(ABC):
             return max_seconds is None or time.monotonic() - start < max_seconds
 
         async def finish_oldest() -> None:
-            nonlocal step, total_samples, dropped_total, last_done
+            nonlocal total_samples, last_done
             losses, dropped, slowest = await running[0]
             running.popleft()
-            step += 1
+            step = first_step + len(reports) + 1
             samples = len(losses) * self.manifest.training.microbatch_size
             total_samples += samples
-            dropped_total += dropped
             now = time.monotonic()
             report = StepReport(
                 step=step,
@@ -143,10 +141,10 @@ class StepRunner(ABC):
         return TrainingSummary(
             initial_loss=finite[0] if finite else math.nan,
             final_loss=finite[-1] if finite else math.nan,
-            steps=step - first_step,
+            steps=len(reports),
             first_step=first_step,
             samples_per_s=total_samples / max(elapsed, 1e-9),
-            dropped=dropped_total,
+            dropped=sum(r.dropped for r in reports),
             elapsed=elapsed,
         )
 
